@@ -1,0 +1,71 @@
+//! `steer`: the command line. `steer --help` lists the commands; each has its own `--help`.
+
+mod classify;
+mod collect;
+mod forward;
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "steer",
+    version,
+    about = "Learn-to-Steer: make text-to-image diffusion models obey spatial words"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relation classifier on attention maps (logits, and optionally the gradient to the maps).
+    Classify(classify::ClassifyArgs),
+    /// Make the classifier's training data: dual inversion of a manifest's images, maps recorded, PSNR-filtered shards.
+    Collect(collect::CollectArgs),
+    /// Evaluate one model component on tensors from a safetensors file (check weights against PyTorch).
+    Forward(forward::ForwardArgs),
+    /// Generate an image from a prompt (DDIM, classifier-free guidance).
+    Generate(generate::GenerateArgs),
+    /// Report the build (kernels embedded or not), CPU threads and whether a GPU is usable.
+    Info {
+        /// CUDA device ordinal to probe.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Classify(args) => classify::run(&args),
+        Command::Collect(args) => collect::run(&args),
+        Command::Forward(args) => forward::run(&args),
+        Command::Generate(args) => generate::run(&args),
+        Command::Info { device } => info(device),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn info(device: usize) -> steer::Result<()> {
+    println!("steer {}", env!("CARGO_PKG_VERSION"));
+    println!("cpu threads:    {}", rayon::current_num_threads());
+    let kernels = steer::cuda::kernels_built();
+    println!(
+        "cuda kernels:   {}",
+        if kernels {
+            "embedded (PTX, compute_80)"
+        } else {
+            "not built (no nvcc at build time)"
+        }
+    );
+    match steer::cuda::CudaDevice::new(device) {
+        Ok(_) => println!("cuda device {device}: ready"),
+        Err(e) => println!("cuda device {device}: unavailable: {e}"),
+    }
+    Ok(())
+}

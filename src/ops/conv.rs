@@ -1,0 +1,249 @@
+//! 2-D convolution (NCHW, square stride and symmetric zero padding, any kernel size) through
+//! im2col and the GEMM. Covers every convolution in SD2.1's UNet and VAE: 3x3 pad 1, 1x1, and
+//! 3x3 stride 2 (downsampling; diffusers pads 1 on every side there).
+
+use rayon::prelude::*;
+
+use super::linalg::{gemm, Layout};
+use super::{expect_rank, float_dispatch, same_dtype};
+use crate::{Error, Float, Result, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Conv2dParams {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Default for Conv2dParams {
+    fn default() -> Self {
+        Conv2dParams {
+            stride: 1,
+            padding: 0,
+        }
+    }
+}
+
+/// Every size of one convolution.
+#[derive(Clone, Copy)]
+struct Geometry {
+    batch: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    kh: usize,
+    kw: usize,
+    ho: usize,
+    wo: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Geometry {
+    fn new(op: &'static str, x: &Tensor, w: &Tensor, p: Conv2dParams) -> Result<Self> {
+        expect_rank(op, "x", x, 4)?;
+        expect_rank(op, "weight", w, 4)?;
+        same_dtype(op, x, w)?;
+        let (xs, ws) = (x.shape(), w.shape());
+        if xs[1] != ws[1] {
+            return Err(Error::shape(
+                op,
+                format!(
+                    "x {xs:?} has {} channels, weight {ws:?} expects {}",
+                    xs[1], ws[1]
+                ),
+            ));
+        }
+        if p.stride == 0 {
+            return Err(Error::Invalid(format!("{op}: stride must be >= 1")));
+        }
+        let (hp, wp) = (xs[2] + 2 * p.padding, xs[3] + 2 * p.padding);
+        if hp < ws[2] || wp < ws[3] {
+            return Err(Error::shape(
+                op,
+                format!("kernel {ws:?} larger than padded input {xs:?}"),
+            ));
+        }
+        Ok(Geometry {
+            batch: xs[0],
+            cin: xs[1],
+            h: xs[2],
+            w: xs[3],
+            cout: ws[0],
+            kh: ws[2],
+            kw: ws[3],
+            ho: (hp - ws[2]) / p.stride + 1,
+            wo: (wp - ws[3]) / p.stride + 1,
+            stride: p.stride,
+            pad: p.padding,
+        })
+    }
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// Rows of the im2col matrix.
+    fn k(&self) -> usize {
+        self.cin * self.kh * self.kw
+    }
+    fn out_shape(&self) -> [usize; 4] {
+        [self.batch, self.cout, self.ho, self.wo]
+    }
+    /// Input coordinate for output coordinate `o` and kernel offset `k`, if inside the image.
+    #[inline]
+    fn src(&self, o: usize, k: usize, size: usize) -> Option<usize> {
+        (o * self.stride + k)
+            .checked_sub(self.pad)
+            .filter(|&i| i < size)
+    }
+}
+
+/// col[(c, i, j), (oy, ox)] = x[c, oy*s + i - p, ox*s + j - p] (zero outside).
+fn im2col<T: Float>(g: &Geometry, x: &[T], col: &mut [T]) {
+    let plane = g.ho * g.wo;
+    col.par_chunks_mut(plane * g.kh * g.kw)
+        .enumerate()
+        .for_each(|(c, rows)| {
+            let xc = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+            for (r, row) in rows.chunks_mut(plane).enumerate() {
+                let (i, j) = (r / g.kw, r % g.kw);
+                for oy in 0..g.ho {
+                    let dst = &mut row[oy * g.wo..(oy + 1) * g.wo];
+                    match g.src(oy, i, g.h) {
+                        None => dst.fill(T::ZERO),
+                        Some(iy) => {
+                            for (ox, d) in dst.iter_mut().enumerate() {
+                                *d = g.src(ox, j, g.w).map_or(T::ZERO, |ix| xc[iy * g.w + ix]);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// The adjoint of `im2col`: dx[c, y, x] += sum of the col entries that read it.
+fn col2im<T: Float>(g: &Geometry, col: &[T], dx: &mut [T]) {
+    let plane = g.ho * g.wo;
+    dx.par_chunks_mut(g.h * g.w)
+        .enumerate()
+        .for_each(|(c, dxc)| {
+            let rows = &col[c * plane * g.kh * g.kw..(c + 1) * plane * g.kh * g.kw];
+            for (r, row) in rows.chunks(plane).enumerate() {
+                let (i, j) = (r / g.kw, r % g.kw);
+                for oy in 0..g.ho {
+                    let Some(iy) = g.src(oy, i, g.h) else {
+                        continue;
+                    };
+                    for ox in 0..g.wo {
+                        if let Some(ix) = g.src(ox, j, g.w) {
+                            dxc[iy * g.w + ix] += row[oy * g.wo + ox];
+                        }
+                    }
+                }
+            }
+        });
+}
+
+/// `x`: (B, Cin, H, W), `w`: (Cout, Cin, kh, kw), `b`: (Cout) -> (B, Cout, Ho, Wo), as
+/// torch.nn.functional.conv2d with an integer stride and padding.
+pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
+    const OP: &str = "conv2d";
+    let g = Geometry::new(OP, x, w, p)?;
+    if let Some(b) = b {
+        same_dtype(OP, x, b)?;
+        if b.shape() != [g.cout] {
+            return Err(Error::shape(
+                OP,
+                format!("bias {:?}, expected [{}]", b.shape(), g.cout),
+            ));
+        }
+    }
+    float_dispatch!(OP, x.dtype(), T => {
+        let (xv, wv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?);
+        let plane = g.ho * g.wo;
+        let mut out = vec![T::ZERO; g.batch * g.cout * plane];
+        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
+        for n in 0..g.batch {
+            let xn = &xv[n * g.cin * g.h * g.w..(n + 1) * g.cin * g.h * g.w];
+            let yn = &mut out[n * g.cout * plane..(n + 1) * g.cout * plane];
+            if let Some(b) = b {
+                let bv = b.slice::<T>(OP)?;
+                yn.chunks_mut(plane).zip(bv).for_each(|(r, &bi)| r.fill(bi));
+            }
+            let cols: &[T] = if g.is_pointwise() {
+                xn
+            } else {
+                im2col(&g, xn, &mut col);
+                &col
+            };
+            gemm(g.cout, plane, g.k(), wv, Layout::N, cols, Layout::N, yn, b.is_some());
+        }
+        Tensor::from_vec(out, &g.out_shape())
+    })
+}
+
+/// Gradients of `sum(conv2d(x, w, b) * dy)`.
+pub struct Conv2dGrads {
+    pub dx: Tensor,
+    /// Present when asked for (`weight_grads`).
+    pub dw: Option<Tensor>,
+    pub db: Option<Tensor>,
+}
+
+pub fn conv2d_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    p: Conv2dParams,
+    weight_grads: bool,
+) -> Result<Conv2dGrads> {
+    const OP: &str = "conv2d_backward";
+    let g = Geometry::new(OP, x, w, p)?;
+    same_dtype(OP, x, dy)?;
+    if dy.shape() != g.out_shape() {
+        return Err(Error::shape(
+            OP,
+            format!("dy {:?}, expected {:?}", dy.shape(), g.out_shape()),
+        ));
+    }
+    float_dispatch!(OP, x.dtype(), T => {
+        let (xv, wv, dyv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?, dy.slice::<T>(OP)?);
+        let (plane, img) = (g.ho * g.wo, g.cin * g.h * g.w);
+        let mut dx = vec![T::ZERO; xv.len()];
+        let mut dw = vec![T::ZERO; if weight_grads { wv.len() } else { 0 }];
+        let mut db = vec![T::ZERO; if weight_grads { g.cout } else { 0 }];
+        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
+        for n in 0..g.batch {
+            let dyn_ = &dyv[n * g.cout * plane..(n + 1) * g.cout * plane];
+            let dxn = &mut dx[n * img..(n + 1) * img];
+            if g.is_pointwise() {
+                gemm(g.k(), plane, g.cout, wv, Layout::T, dyn_, Layout::N, dxn, false);
+            } else {
+                gemm(g.k(), plane, g.cout, wv, Layout::T, dyn_, Layout::N, &mut col, false);
+                col2im(&g, &col, dxn);
+            }
+            if weight_grads {
+                let xn = &xv[n * img..(n + 1) * img];
+                let cols: &[T] = if g.is_pointwise() {
+                    xn
+                } else {
+                    im2col(&g, xn, &mut col);
+                    &col
+                };
+                gemm(g.cout, g.k(), plane, dyn_, Layout::N, cols, Layout::T, &mut dw, true);
+                for (d, r) in db.iter_mut().zip(dyn_.chunks(plane)) {
+                    *d += r.iter().copied().sum::<T>();
+                }
+            }
+        }
+        let dx = Tensor::from_vec(dx, x.shape())?;
+        if !weight_grads {
+            return Ok(Conv2dGrads { dx, dw: None, db: None });
+        }
+        Ok(Conv2dGrads {
+            dx,
+            dw: Some(Tensor::from_vec(dw, w.shape())?),
+            db: Some(Tensor::from_vec(db, &[g.cout])?),
+        })
+    })
+}

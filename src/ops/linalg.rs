@@ -1,0 +1,259 @@
+//! Matrix products: `matmul` (batched) and `linear` (torch.nn.Linear's layout), and the one GEMM
+//! entry point every other op (convolution, attention) goes through.
+
+use super::{float_dispatch, same_dtype, PAR_THRESHOLD};
+use crate::{Error, Float, Result, Tensor};
+
+/// How an operand is stored: as the matrix itself (row-major) or as its transpose.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Layout {
+    N,
+    T,
+}
+
+/// `c = beta * c + op(a) @ op(b)` with `op(a)`: (m, k), `op(b)`: (k, n), all row-major.
+/// `beta` is 0 (overwrite) or 1 (accumulate). Multithreaded above a size threshold.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    la: Layout,
+    b: &[T],
+    lb: Layout,
+    c: &mut [T],
+    accumulate: bool,
+) {
+    debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(T::ZERO);
+        }
+        return;
+    }
+    // (row stride, column stride) of op(x) in elements.
+    let (a_rs, a_cs) = match la {
+        Layout::N => (k as isize, 1),
+        Layout::T => (1, m as isize),
+    };
+    let (b_rs, b_cs) = match lb {
+        Layout::N => (n as isize, 1),
+        Layout::T => (1, k as isize),
+    };
+    let par = if m * n * k >= PAR_THRESHOLD * 4 && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the slices hold at least m*k, k*n and m*n elements (checked above) and the strides
+    // describe row-major matrices inside them; `c` does not alias `a` or `b` (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Split `shape` into (batch dims, rows, cols) for a matrix operand.
+fn matrix_dims<'a>(
+    op: &'static str,
+    what: &str,
+    t: &'a Tensor,
+) -> Result<(&'a [usize], usize, usize)> {
+    let s = t.shape();
+    if s.len() < 2 {
+        return Err(Error::shape(
+            op,
+            format!("{what} must have rank >= 2, got {s:?}"),
+        ));
+    }
+    Ok((&s[..s.len() - 2], s[s.len() - 2], s[s.len() - 1]))
+}
+
+/// `a @ b` for `a`: (..., m, k) and `b`: (..., k, n) with identical batch dims, or `b`: (k, n)
+/// shared by every batch entry.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    const OP: &str = "matmul";
+    same_dtype(OP, a, b)?;
+    let (batch, m, k) = matrix_dims(OP, "a", a)?;
+    let (bbatch, k2, n) = matrix_dims(OP, "b", b)?;
+    if k != k2 || (!bbatch.is_empty() && bbatch != batch) {
+        return Err(Error::shape(
+            OP,
+            format!("a {:?} @ b {:?}", a.shape(), b.shape()),
+        ));
+    }
+    let nb: usize = batch.iter().product();
+    let shared_b = bbatch.is_empty();
+    let mut shape = batch.to_vec();
+    shape.extend([m, n]);
+    float_dispatch!(OP, a.dtype(), T => {
+        let (av, bv) = (a.slice::<T>(OP)?, b.slice::<T>(OP)?);
+        let mut out = vec![T::ZERO; nb * m * n];
+        if shared_b {
+            // One GEMM over all batch rows at once.
+            gemm(nb * m, n, k, av, Layout::N, bv, Layout::N, &mut out, false);
+        } else {
+            for i in 0..nb {
+                gemm(m, n, k, &av[i * m * k..], Layout::N, &bv[i * k * n..], Layout::N,
+                     &mut out[i * m * n..], false);
+            }
+        }
+        Tensor::from_vec(out, &shape)
+    })
+}
+
+/// Gradients of `sum(matmul(a, b) * dc)`: `(da, db)`.
+pub fn matmul_backward(a: &Tensor, b: &Tensor, dc: &Tensor) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "matmul_backward";
+    same_dtype(OP, a, b)?;
+    same_dtype(OP, a, dc)?;
+    let (batch, m, k) = matrix_dims(OP, "a", a)?;
+    let (bbatch, _, n) = matrix_dims(OP, "b", b)?;
+    let mut cshape = batch.to_vec();
+    cshape.extend([m, n]);
+    if dc.shape() != cshape {
+        return Err(Error::shape(
+            OP,
+            format!("dc {:?}, expected {cshape:?}", dc.shape()),
+        ));
+    }
+    let nb: usize = batch.iter().product();
+    let shared_b = bbatch.is_empty();
+    float_dispatch!(OP, a.dtype(), T => {
+        let (av, bv, dcv) = (a.slice::<T>(OP)?, b.slice::<T>(OP)?, dc.slice::<T>(OP)?);
+        let mut da = vec![T::ZERO; av.len()];
+        let mut db = vec![T::ZERO; bv.len()];
+        if shared_b {
+            gemm(nb * m, k, n, dcv, Layout::N, bv, Layout::T, &mut da, false);
+            gemm(k, n, nb * m, av, Layout::T, dcv, Layout::N, &mut db, false);
+        } else {
+            for i in 0..nb {
+                let dci = &dcv[i * m * n..];
+                gemm(m, k, n, dci, Layout::N, &bv[i * k * n..], Layout::T, &mut da[i * m * k..], false);
+                gemm(k, n, m, &av[i * m * k..], Layout::T, dci, Layout::N, &mut db[i * k * n..], false);
+            }
+        }
+        Ok((Tensor::from_vec(da, a.shape())?, Tensor::from_vec(db, b.shape())?))
+    })
+}
+
+/// `x @ w^T + b` for `x`: (..., in), `w`: (out, in), `b`: (out) — torch.nn.Linear's layout, so
+/// checkpoint weights load without transposing.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    const OP: &str = "linear";
+    let (rows, inf, outf) = linear_dims(OP, x, w, b)?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = outf;
+    float_dispatch!(OP, x.dtype(), T => {
+        let (xv, wv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?);
+        let mut out = vec![T::ZERO; rows * outf];
+        if let Some(b) = b {
+            let bv = b.slice::<T>(OP)?;
+            out.chunks_mut(outf).for_each(|r| r.copy_from_slice(bv));
+        }
+        gemm(rows, outf, inf, xv, Layout::N, wv, Layout::T, &mut out, b.is_some());
+        Tensor::from_vec(out, &shape)
+    })
+}
+
+/// Gradients of `sum(linear(x, w, b) * dy)`.
+pub struct LinearGrads {
+    pub dx: Tensor,
+    /// Present when asked for (`weight_grads`).
+    pub dw: Option<Tensor>,
+    /// Present when asked for; the bias gradient does not depend on whether the forward had one.
+    pub db: Option<Tensor>,
+}
+
+pub fn linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    weight_grads: bool,
+) -> Result<LinearGrads> {
+    const OP: &str = "linear_backward";
+    let (rows, inf, outf) = linear_dims(OP, x, w, None)?;
+    same_dtype(OP, x, dy)?;
+    let mut yshape = x.shape().to_vec();
+    *yshape.last_mut().expect("rank >= 1") = outf;
+    if dy.shape() != yshape {
+        return Err(Error::shape(
+            OP,
+            format!("dy {:?}, expected {yshape:?}", dy.shape()),
+        ));
+    }
+    float_dispatch!(OP, x.dtype(), T => {
+        let (xv, wv, dyv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?, dy.slice::<T>(OP)?);
+        let mut dx = vec![T::ZERO; rows * inf];
+        gemm(rows, inf, outf, dyv, Layout::N, wv, Layout::N, &mut dx, false);
+        let dx = Tensor::from_vec(dx, x.shape())?;
+        if !weight_grads {
+            return Ok(LinearGrads { dx, dw: None, db: None });
+        }
+        let mut dw = vec![T::ZERO; outf * inf];
+        gemm(outf, inf, rows, dyv, Layout::T, xv, Layout::N, &mut dw, false);
+        let mut db = vec![T::ZERO; outf];
+        for r in dyv.chunks(outf) {
+            db.iter_mut().zip(r).for_each(|(d, &g)| *d += g);
+        }
+        Ok(LinearGrads {
+            dx,
+            dw: Some(Tensor::from_vec(dw, w.shape())?),
+            db: Some(Tensor::from_vec(db, &[outf])?),
+        })
+    })
+}
+
+/// (rows, in_features, out_features) of a linear layer, after checking every shape.
+fn linear_dims(
+    op: &'static str,
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<(usize, usize, usize)> {
+    same_dtype(op, x, w)?;
+    if w.rank() != 2 || x.rank() < 1 || x.shape()[x.rank() - 1] != w.shape()[1] {
+        return Err(Error::shape(
+            op,
+            format!(
+                "x {:?} does not fit weight {:?} (out, in)",
+                x.shape(),
+                w.shape()
+            ),
+        ));
+    }
+    let (outf, inf) = (w.shape()[0], w.shape()[1]);
+    if let Some(b) = b {
+        same_dtype(op, x, b)?;
+        if b.shape() != [outf] {
+            return Err(Error::shape(
+                op,
+                format!("bias {:?}, expected [{outf}]", b.shape()),
+            ));
+        }
+    }
+    Ok((x.numel() / inf.max(1), inf, outf))
+}

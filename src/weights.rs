@@ -1,0 +1,154 @@
+//! Model weights: safetensors files of one model component (a diffusers folder such as `unet/`),
+//! memory-mapped, looked up by the checkpoint's own tensor names and converted to f32 on load.
+//! Every lookup checks the shape and names the file and tensor when something is off.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::safetensors_io::SafetensorsFile;
+use crate::{DType, Error, Result, Tensor};
+
+pub struct Weights {
+    dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// Tensor name -> index into `files`.
+    index: HashMap<String, usize>,
+}
+
+impl Weights {
+    /// The weights of the component in `dir` whose file stem is `stem` (`diffusion_pytorch_model`
+    /// or `model`): `stem.safetensors`, a sharded `stem.safetensors.index.json`, or a variant such
+    /// as `stem.fp16.safetensors`, in that order of preference.
+    pub fn from_dir(dir: impl AsRef<Path>, stem: &str) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let single = dir.join(format!("{stem}.safetensors"));
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        let paths: Vec<PathBuf> = if single.exists() {
+            vec![single]
+        } else if index.exists() {
+            shard_paths(&index)?
+        } else {
+            let mut variants: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| Error::io(&dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    name.starts_with(&format!("{stem}.")) && name.ends_with(".safetensors")
+                })
+                .collect();
+            variants.sort();
+            if variants.is_empty() {
+                return Err(Error::format(
+                    &dir,
+                    format!(
+                        "no weights: expected {stem}.safetensors (or a sharded or fp16 variant)"
+                    ),
+                ));
+            }
+            variants.truncate(1);
+            variants
+        };
+        Self::from_files(dir, &paths)
+    }
+
+    /// The weights in one safetensors file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::from_files(dir, &[path.to_path_buf()])
+    }
+
+    fn from_files(dir: PathBuf, paths: &[PathBuf]) -> Result<Self> {
+        let files: Vec<SafetensorsFile> = paths
+            .iter()
+            .map(SafetensorsFile::open)
+            .collect::<Result<_>>()?;
+        let mut index = HashMap::new();
+        for (i, f) in files.iter().enumerate() {
+            for name in f.names() {
+                index.insert(name, i);
+            }
+        }
+        Ok(Weights { dir, files, index })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The tensor `name` as f32, which must have shape `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Some(&i) = self.index.get(name) else {
+            return Err(Error::format(
+                &self.dir,
+                format!("missing tensor `{name}` (expected shape {shape:?})"),
+            ));
+        };
+        self.files[i].tensor_as(name, shape, DType::F32)
+    }
+
+    /// A view that prefixes every name with `prefix.`.
+    pub fn pp(&self, prefix: impl Into<String>) -> WeightsView<'_> {
+        WeightsView {
+            weights: self,
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn root(&self) -> WeightsView<'_> {
+        WeightsView {
+            weights: self,
+            prefix: String::new(),
+        }
+    }
+}
+
+fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(index, format!("invalid JSON: {e}")))?;
+    let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+        return Err(Error::format(index, "no `weight_map` object"));
+    };
+    let mut files: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect();
+    files.sort();
+    files.dedup();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
+/// Names under a prefix, as the model code walks the checkpoint's tree
+/// (`w.pp("down_blocks").pp(0).get("resnets.0.conv1.weight", ..)`).
+#[derive(Clone)]
+pub struct WeightsView<'a> {
+    weights: &'a Weights,
+    prefix: String,
+}
+
+impl WeightsView<'_> {
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        WeightsView {
+            weights: self.weights,
+            prefix: self.full(&name.to_string()),
+        }
+    }
+
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.weights.get(&self.full(name), shape)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weights.contains(&self.full(name))
+    }
+}

@@ -1,0 +1,96 @@
+"""PyTorch CPU baseline for `steer-bench ops`: fp32 GEMM and conv2d throughput at SD2.1 sizes.
+
+    python tests/reference/bench_ops.py --threads 2 [--repeats 10] [--warmup 2] [--cases JSON]
+
+Prints one JSON object on stdout (diagnostics go to stderr):
+    {"torch": "2.15.0+...", "threads": 2, "repeats": 10, "warmup": 2,
+     "cases": [{"name": ..., "kind": "gemm"|"conv2d", "gflop": ..., "median_s": ...,
+                "min_s": ..., "gflops": ...}, ...]}
+`median_s` is the median wall time of one call over `repeats` calls after `warmup` calls;
+`gflops` = gflop / median_s. steer-bench passes its own case list with --cases (the same JSON
+shape as DEFAULT_CASES below) and runs this file from a copy embedded in its binary, so the two
+always time the same shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# The same cases as steer-bench's defaults. Shapes of the SD2.1 UNet at a 64x64 latent:
+# attention/feed-forward projections (tokens x channels) and the ResNet blocks' 3x3 convs.
+DEFAULT_CASES = [
+    {"name": "gemm 4096x320x320", "kind": "gemm", "m": 4096, "k": 320, "n": 320},
+    {"name": "gemm 4096x320x1280", "kind": "gemm", "m": 4096, "k": 320, "n": 1280},
+    {"name": "gemm 1024x1280x1280", "kind": "gemm", "m": 1024, "k": 1280, "n": 1280},
+    {"name": "conv3x3 320x64x64", "kind": "conv2d", "batch": 1, "cin": 320, "cout": 320,
+     "h": 64, "w": 64, "kernel": 3, "stride": 1, "padding": 1},
+    {"name": "conv3x3 1280x16x16", "kind": "conv2d", "batch": 1, "cin": 1280, "cout": 1280,
+     "h": 16, "w": 16, "kernel": 3, "stride": 1, "padding": 1},
+]
+
+
+def gflop(case: dict) -> float:
+    if case["kind"] == "gemm":
+        return 2.0 * case["m"] * case["k"] * case["n"] / 1e9
+    ho = (case["h"] + 2 * case["padding"] - case["kernel"]) // case["stride"] + 1
+    wo = (case["w"] + 2 * case["padding"] - case["kernel"]) // case["stride"] + 1
+    return 2.0 * case["batch"] * case["cout"] * ho * wo * case["cin"] * case["kernel"] ** 2 / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--cases", help="JSON list of cases (default: the SD2.1 set)")
+    args = ap.parse_args()
+
+    # Before torch loads its OpenMP runtime.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cases = json.loads(args.cases) if args.cases else DEFAULT_CASES
+
+    results = []
+    with torch.inference_mode():
+        for case in cases:
+            if case["kind"] == "gemm":
+                a = torch.randn(case["m"], case["k"])
+                b = torch.randn(case["k"], case["n"])
+                fn = lambda a=a, b=b: torch.matmul(a, b)  # noqa: E731
+            elif case["kind"] == "conv2d":
+                x = torch.randn(case["batch"], case["cin"], case["h"], case["w"])
+                w = torch.randn(case["cout"], case["cin"], case["kernel"], case["kernel"])
+                bias = torch.randn(case["cout"])
+                fn = lambda x=x, w=w, bias=bias, c=case: F.conv2d(  # noqa: E731
+                    x, w, bias, stride=c["stride"], padding=c["padding"])
+            else:
+                raise SystemExit(f"unknown case kind {case['kind']!r}")
+            for _ in range(args.warmup):
+                fn()
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            med = statistics.median(times)
+            results.append({"name": case["name"], "kind": case["kind"], "gflop": gflop(case),
+                            "median_s": med, "min_s": min(times), "gflops": gflop(case) / med})
+            print(f"torch {case['name']}: {med * 1e3:.2f} ms", file=sys.stderr)
+
+    json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
+               "repeats": args.repeats, "warmup": args.warmup, "cases": results}, sys.stdout)
+    print()
+
+
+if __name__ == "__main__":
+    main()
