@@ -140,3 +140,99 @@ fn loop_stops_at_the_loss_target_and_skips_nonfinite_gradients() {
     assert!(steerer.refine(&mut z, 0, 981).is_err());
     assert_eq!(z.rel_error(&z0).unwrap(), 0.0);
 }
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("steer-steering-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// `steer generate --classifier` as a user runs it: the PNG, and a JSON report with one entry
+/// per optimised step (at most 1 + max_refinements passes each, losses and class probabilities).
+#[test]
+fn generate_with_classifier_writes_png_and_report() {
+    let (png, report) = (scratch("steered.png"), scratch("steered.json"));
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_steer"))
+        .args([
+            "generate",
+            "--model",
+            "tests/fixtures/tiny-sd21",
+            "a photo of a dog to the right of a teddy bear",
+            "--steps",
+            "4",
+            "--steer-steps",
+            "2",
+            "--max-refinements",
+            "2",
+            "--classifier",
+            "tests/fixtures/classifier-tiny-sd21.safetensors",
+            "--out",
+            png.to_str().unwrap(),
+            "--report",
+            report.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("steering: dog to the right of teddy bear"),
+        "{stderr}"
+    );
+    assert_eq!(
+        steer::image::load_png(&png).unwrap().shape(),
+        &[1, 3, 32, 32]
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let steps = r["optimised_steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 2);
+    for s in steps {
+        let passes = s["passes"].as_array().unwrap();
+        assert!((1..=3).contains(&passes.len()));
+        assert_eq!(passes[0]["probs"].as_array().unwrap().len(), 4);
+        assert!(passes[0]["loss"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(r["targets"][0]["subject_tokens"], serde_json::json!([5]));
+    assert_eq!(
+        r["targets"][0]["object_tokens"],
+        serde_json::json!([11, 12])
+    );
+}
+
+/// A prompt without a relation is generated unsteered, and the user is told; a classifier made
+/// for another model is refused naming both map counts.
+#[test]
+fn generate_unsteered_prompt_and_mismatched_classifier() {
+    let png = scratch("plain.png");
+    let run = |prompt: &str, classifier: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_steer"))
+            .args([
+                "generate",
+                "--model",
+                "tests/fixtures/tiny-sd21",
+                prompt,
+                "--steps",
+                "2",
+                "--classifier",
+                classifier,
+                "--out",
+                png.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    };
+    let o = run(
+        "a photo of a dog",
+        "tests/fixtures/classifier-tiny-sd21.safetensors",
+    );
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unsteered"));
+    let o = run(
+        "a dog above a cat",
+        "tests/fixtures/classifier-sd.safetensors",
+    );
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("6 maps per word") && e.contains("34"), "{e}");
+}

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::linalg::{gemm, Layout};
+use super::linalg::{gemm, gemm_strided, Layout, Strided, StridedMut};
 use super::{expect_rank, float_dispatch, same_dtype};
 use crate::{Error, Float, Result, Tensor};
 
@@ -78,9 +78,6 @@ impl Geometry {
             pad: p.padding,
         })
     }
-    fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
-    }
     /// Rows of the im2col matrix.
     fn k(&self) -> usize {
         self.cin * self.kh * self.kw
@@ -144,6 +141,164 @@ fn col2im<T: Float>(g: &Geometry, col: &[T], dx: &mut [T]) {
         });
 }
 
+/// Stride-1 convolution without an im2col buffer: the output is kh*kw accumulated GEMMs
+/// (K = Cin) of the weights' (i, j) tap with the zero-padded input shifted by (i, j). Computed on
+/// "wide" rows of the padded width Wp, whose last kw-1 columns are discarded: then every shifted
+/// view is a plain strided matrix (channel stride Hp*Wp, column stride 1). Same FLOPs as im2col,
+/// none of its Cin*kh*kw*Ho*Wo buffer (1.2 GB for a 512 px VAE conv).
+struct Shifted {
+    hp: usize,
+    wp: usize,
+    /// Columns the GEMMs compute: (Ho - 1) * Wp + Wo, so no shifted view reads past the plane.
+    cols: usize,
+}
+
+impl Shifted {
+    fn new(g: &Geometry) -> Self {
+        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+        Shifted {
+            hp,
+            wp,
+            cols: (g.ho - 1) * wp + g.wo,
+        }
+    }
+
+    /// The input, zero-padded to (Cin, Hp, Wp) (borrowed when there is no padding).
+    fn padded<'a, T: Float>(&self, g: &Geometry, x: &'a [T]) -> std::borrow::Cow<'a, [T]> {
+        if g.pad == 0 {
+            return x.into();
+        }
+        let mut xp = vec![T::ZERO; g.cin * self.hp * self.wp];
+        for (c, dst) in xp.chunks_mut(self.hp * self.wp).enumerate() {
+            for y in 0..g.h {
+                let row = (y + g.pad) * self.wp + g.pad;
+                dst[row..row + g.w]
+                    .copy_from_slice(&x[(c * g.h + y) * g.w..(c * g.h + y + 1) * g.w]);
+            }
+        }
+        xp.into()
+    }
+
+    /// Tap (i, j) of the weights as a (Cout, Cin) matrix.
+    fn tap<'a, T>(&self, g: &Geometry, w: &'a [T], i: usize, j: usize) -> Strided<'a, T> {
+        Strided {
+            data: &w[i * g.kw + j..],
+            rs: g.cin * g.kh * g.kw,
+            cs: g.kh * g.kw,
+        }
+    }
+
+    /// The padded input shifted by (i, j), as a (Cin, cols) matrix.
+    fn view<'a, T>(&self, xp: &'a [T], i: usize, j: usize) -> Strided<'a, T> {
+        Strided {
+            data: &xp[i * self.wp + j..],
+            rs: self.hp * self.wp,
+            cs: 1,
+        }
+    }
+
+    /// y (Cout, Ho*Wo) += conv(x) for one image.
+    fn forward<T: Float>(&self, g: &Geometry, x: &[T], w: &[T], y: &mut [T]) {
+        let xp = self.padded(g, x);
+        let mut wide = vec![T::ZERO; g.cout * g.ho * self.wp];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let c = StridedMut {
+                    data: &mut wide,
+                    rs: g.ho * self.wp,
+                    cs: 1,
+                };
+                gemm_strided(
+                    g.cout,
+                    self.cols,
+                    g.cin,
+                    self.tap(g, w, i, j),
+                    self.view(&xp, i, j),
+                    c,
+                    true,
+                );
+            }
+        }
+        for (yo, wo) in y.chunks_mut(g.ho * g.wo).zip(wide.chunks(g.ho * self.wp)) {
+            for oy in 0..g.ho {
+                let src = &wo[oy * self.wp..oy * self.wp + g.wo];
+                yo[oy * g.wo..(oy + 1) * g.wo]
+                    .iter_mut()
+                    .zip(src)
+                    .for_each(|(a, &b)| *a += b);
+            }
+        }
+    }
+
+    /// dx (Cin, H*W) = conv's input gradient for one image; and dw += its weight gradient.
+    fn backward<T: Float>(
+        &self,
+        g: &Geometry,
+        x: &[T],
+        w: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        dw: Option<&mut [T]>,
+    ) {
+        // dy on wide rows, the discarded columns zero so they contribute nothing.
+        let mut dwide = vec![T::ZERO; g.cout * g.ho * self.wp];
+        for (dw_o, dy_o) in dwide.chunks_mut(g.ho * self.wp).zip(dy.chunks(g.ho * g.wo)) {
+            for oy in 0..g.ho {
+                dw_o[oy * self.wp..oy * self.wp + g.wo]
+                    .copy_from_slice(&dy_o[oy * g.wo..(oy + 1) * g.wo]);
+            }
+        }
+        let dwide_m = || Strided {
+            data: &dwide[..],
+            rs: g.ho * self.wp,
+            cs: 1,
+        };
+        let mut dxp = vec![T::ZERO; g.cin * self.hp * self.wp];
+        for i in 0..g.kh {
+            for j in 0..g.kw {
+                let t = self.tap(g, w, i, j);
+                let tap_t = Strided {
+                    data: t.data,
+                    rs: t.cs,
+                    cs: t.rs,
+                };
+                let c = StridedMut {
+                    data: &mut dxp[i * self.wp + j..],
+                    rs: self.hp * self.wp,
+                    cs: 1,
+                };
+                gemm_strided(g.cin, self.cols, g.cout, tap_t, dwide_m(), c, true);
+            }
+        }
+        for (c, src) in dxp.chunks(self.hp * self.wp).enumerate() {
+            for y in 0..g.h {
+                let row = (y + g.pad) * self.wp + g.pad;
+                dx[(c * g.h + y) * g.w..(c * g.h + y + 1) * g.w]
+                    .copy_from_slice(&src[row..row + g.w]);
+            }
+        }
+        if let Some(dw) = dw {
+            let xp = self.padded(g, x);
+            for i in 0..g.kh {
+                for j in 0..g.kw {
+                    let v = self.view(&xp, i, j);
+                    let view_t = Strided {
+                        data: v.data,
+                        rs: v.cs,
+                        cs: v.rs,
+                    };
+                    let c = StridedMut {
+                        data: &mut dw[i * g.kw + j..],
+                        rs: g.cin * g.kh * g.kw,
+                        cs: g.kh * g.kw,
+                    };
+                    gemm_strided(g.cout, g.cin, self.cols, dwide_m(), view_t, c, true);
+                }
+            }
+        }
+    }
+}
+
 /// `x`: (B, Cin, H, W), `w`: (Cout, Cin, kh, kw), `b`: (Cout) -> (B, Cout, Ho, Wo), as
 /// torch.nn.functional.conv2d with an integer stride and padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
@@ -162,7 +317,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
         let (xv, wv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?);
         let plane = g.ho * g.wo;
         let mut out = vec![T::ZERO; g.batch * g.cout * plane];
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
+        let shifted = (g.stride == 1).then(|| Shifted::new(&g));
+        let mut col = if shifted.is_some() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
         for n in 0..g.batch {
             let xn = &xv[n * g.cin * g.h * g.w..(n + 1) * g.cin * g.h * g.w];
             let yn = &mut out[n * g.cout * plane..(n + 1) * g.cout * plane];
@@ -170,13 +326,13 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
                 let bv = b.slice::<T>(OP)?;
                 yn.chunks_mut(plane).zip(bv).for_each(|(r, &bi)| r.fill(bi));
             }
-            let cols: &[T] = if g.is_pointwise() {
-                xn
-            } else {
-                im2col(&g, xn, &mut col);
-                &col
-            };
-            gemm(g.cout, plane, g.k(), wv, Layout::N, cols, Layout::N, yn, b.is_some());
+            if let Some(sh) = &shifted {
+                sh.forward(&g, xn, wv, yn);
+                continue;
+            }
+            // Strided convolutions (the downsamplers) go through im2col.
+            im2col(&g, xn, &mut col);
+            gemm(g.cout, plane, g.k(), wv, Layout::N, &col, Layout::N, yn, b.is_some());
         }
         Tensor::from_vec(out, &g.out_shape())
     })
@@ -212,25 +368,26 @@ pub fn conv2d_backward(
         let mut dx = vec![T::ZERO; xv.len()];
         let mut dw = vec![T::ZERO; if weight_grads { wv.len() } else { 0 }];
         let mut db = vec![T::ZERO; if weight_grads { g.cout } else { 0 }];
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
+        let shifted = (g.stride == 1).then(|| Shifted::new(&g));
+        let mut col = if shifted.is_some() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
         for n in 0..g.batch {
             let dyn_ = &dyv[n * g.cout * plane..(n + 1) * g.cout * plane];
             let dxn = &mut dx[n * img..(n + 1) * img];
-            if g.is_pointwise() {
-                gemm(g.k(), plane, g.cout, wv, Layout::T, dyn_, Layout::N, dxn, false);
-            } else {
-                gemm(g.k(), plane, g.cout, wv, Layout::T, dyn_, Layout::N, &mut col, false);
-                col2im(&g, &col, dxn);
-            }
-            if weight_grads {
+            if let Some(sh) = &shifted {
                 let xn = &xv[n * img..(n + 1) * img];
-                let cols: &[T] = if g.is_pointwise() {
-                    xn
-                } else {
-                    im2col(&g, xn, &mut col);
-                    &col
-                };
-                gemm(g.cout, g.k(), plane, dyn_, Layout::N, cols, Layout::T, &mut dw, true);
+                sh.backward(&g, xn, wv, dyn_, dxn, weight_grads.then_some(&mut dw[..]));
+                if weight_grads {
+                    for (d, r) in db.iter_mut().zip(dyn_.chunks(plane)) {
+                        *d += r.iter().copied().sum::<T>();
+                    }
+                }
+                continue;
+            }
+            gemm(g.k(), plane, g.cout, wv, Layout::T, dyn_, Layout::N, &mut col, false);
+            col2im(&g, &col, dxn);
+            if weight_grads {
+                im2col(&g, &xv[n * img..(n + 1) * img], &mut col);
+                gemm(g.cout, g.k(), plane, dyn_, Layout::N, &col, Layout::T, &mut dw, true);
                 for (d, r) in db.iter_mut().zip(dyn_.chunks(plane)) {
                     *d += r.iter().copied().sum::<T>();
                 }

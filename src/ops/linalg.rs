@@ -11,8 +11,96 @@ pub(crate) enum Layout {
     T,
 }
 
-/// `c = beta * c + op(a) @ op(b)` with `op(a)`: (m, k), `op(b)`: (k, n), all row-major.
-/// `beta` is 0 (overwrite) or 1 (accumulate). Multithreaded above a size threshold.
+/// A matrix inside a slice: element (i, j) at `i * rs + j * cs`.
+pub(crate) struct Strided<'a, T> {
+    pub data: &'a [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// A mutable matrix inside a slice, as [`Strided`].
+pub(crate) struct StridedMut<'a, T> {
+    pub data: &'a mut [T],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// Whether a (rows, cols) matrix with these strides lies inside `len` elements.
+fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < len
+}
+
+/// `c = c + a @ b` (or `c = a @ b` without `accumulate`) for `a`: (m, k), `b`: (k, n),
+/// `c`: (m, n), each with its own strides. Multithreaded above a size threshold. Panics if a
+/// matrix does not fit its slice (a bug in the calling op, never a user error).
+pub(crate) fn gemm_strided<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided<T>,
+    b: Strided<T>,
+    c: StridedMut<T>,
+    accumulate: bool,
+) {
+    assert!(
+        fits(a.data.len(), m, k, a.rs, a.cs),
+        "gemm: lhs out of bounds"
+    );
+    assert!(
+        fits(b.data.len(), k, n, b.rs, b.cs),
+        "gemm: rhs out of bounds"
+    );
+    assert!(
+        fits(c.data.len(), m, n, c.rs, c.cs),
+        "gemm: dst out of bounds"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    c.data[i * c.rs + j * c.cs] = T::ZERO;
+                }
+            }
+        }
+        return;
+    }
+    let par = if m * n * k >= PAR_THRESHOLD * 4 && rayon::current_num_threads() > 1 {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: every matrix was checked to lie inside its slice; `c` is a distinct mutable
+    // borrow, so it aliases neither `a` nor `b`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.data.as_mut_ptr(),
+            c.cs as isize,
+            c.rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// `c = op(a) @ op(b)` (or `c += ...` with `accumulate`) with `op(a)`: (m, k), `op(b)`: (k, n),
+/// all stored contiguously row-major, `op` the identity (`N`) or a transpose (`T`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm<T: Float>(
     m: usize,
@@ -25,55 +113,43 @@ pub(crate) fn gemm<T: Float>(
     c: &mut [T],
     accumulate: bool,
 ) {
-    debug_assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            c[..m * n].fill(T::ZERO);
-        }
-        return;
-    }
-    // (row stride, column stride) of op(x) in elements.
-    let (a_rs, a_cs) = match la {
-        Layout::N => (k as isize, 1),
-        Layout::T => (1, m as isize),
+    let a = match la {
+        Layout::N => Strided {
+            data: a,
+            rs: k,
+            cs: 1,
+        },
+        Layout::T => Strided {
+            data: a,
+            rs: 1,
+            cs: m,
+        },
     };
-    let (b_rs, b_cs) = match lb {
-        Layout::N => (n as isize, 1),
-        Layout::T => (1, k as isize),
+    let b = match lb {
+        Layout::N => Strided {
+            data: b,
+            rs: n,
+            cs: 1,
+        },
+        Layout::T => Strided {
+            data: b,
+            rs: 1,
+            cs: k,
+        },
     };
-    let par = if m * n * k >= PAR_THRESHOLD * 4 && rayon::current_num_threads() > 1 {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: the slices hold at least m*k, k*n and m*n elements (checked above) and the strides
-    // describe row-major matrices inside them; `c` does not alias `a` or `b` (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.as_ptr(),
-            a_cs,
-            a_rs,
-            b.as_ptr(),
-            b_cs,
-            b_rs,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    gemm_strided(
+        m,
+        n,
+        k,
+        a,
+        b,
+        StridedMut {
+            data: c,
+            rs: n,
+            cs: 1,
+        },
+        accumulate,
+    );
 }
 
 /// Split `shape` into (batch dims, rows, cols) for a matrix operand.

@@ -19,12 +19,12 @@ Inputs (safetensors):
                     through as is (0..num_timesteps, 0..50 for the published classifiers). It is
                     NOT bucketed here: give the training step a denoising step buckets to
                     (5, 10, 15, 20, 25 or 49 for steps 0-5, 6-10, ..., 26-49), as `steer generate`
-                    does; a single value is used for the whole batch
+                    does. A single value applies to the whole batch
   logits_cotangent  (B, C) float, optional: also write maps_grad
 
 Outputs:
-  logits            (B, C) float32, in the class order of the metadata `classes`
-  maps_grad         gradient of sum(logits * logits_cotangent) with respect to maps, float32
+  logits            (B, C) float32 (float64 with --f64), in the order of the metadata `classes`
+  maps_grad         gradient of sum(logits * logits_cotangent) with respect to maps
 
 Example:
   steer classify --classifier sd21-classifier.safetensors --inputs maps.safetensors \\
@@ -39,7 +39,7 @@ pub struct ClassifyArgs {
     /// Where to write `logits` (and `maps_grad`).
     #[arg(long)]
     pub out: PathBuf,
-    /// Compute in float64 (a reference check); the outputs are still written as float32.
+    /// Compute in float64 and write float64 outputs (a reference check against PyTorch).
     #[arg(long)]
     pub f64: bool,
 }
@@ -97,7 +97,7 @@ pub fn run(args: &ClassifyArgs) -> Result<()> {
         }
     };
     let (logits, saved) = model.forward(&maps, &steps, None)?;
-    let mut outs = vec![("logits".to_string(), logits.to_dtype(DType::F32)?)];
+    let mut outs = vec![("logits".to_string(), logits.clone())];
     if inputs.contains("logits_cotangent") {
         let cot = tensor(&inputs, "logits_cotangent")?;
         if cot.shape() != logits.shape() {
@@ -111,8 +111,7 @@ pub fn run(args: &ClassifyArgs) -> Result<()> {
             ));
         }
         let g = model.input_grad(&saved, &cot.to_dtype(model.dtype())?)?;
-        let g = g.reshape(maps.shape())?;
-        outs.push(("maps_grad".into(), g.to_dtype(DType::F32)?));
+        outs.push(("maps_grad".into(), g.reshape(maps.shape())?));
     }
     let named: Vec<(&str, &Tensor)> = outs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let meta = HashMap::from([(
