@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::float_dispatch;
+use super::resize::{planes, with_hw};
 use crate::{Error, Float, Result, Tensor};
 
 /// Zeros added on each side of the last two dims (torch's `F.pad(x, (left, right, top, bottom))`).
@@ -14,27 +15,6 @@ pub struct Pad2d {
     pub right: usize,
     pub top: usize,
     pub bottom: usize,
-}
-
-/// (planes, H, W) of a tensor (..., H, W).
-fn planes(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize)> {
-    if x.rank() < 2 {
-        return Err(Error::shape(
-            op,
-            format!("x must be (..., H, W), got {:?}", x.shape()),
-        ));
-    }
-    let s = x.shape();
-    let (h, w) = (s[s.len() - 2], s[s.len() - 1]);
-    Ok((x.numel() / (h * w).max(1), h, w))
-}
-
-fn with_hw(shape: &[usize], h: usize, w: usize) -> Vec<usize> {
-    let mut s = shape.to_vec();
-    let r = s.len();
-    s[r - 2] = h;
-    s[r - 1] = w;
-    s
 }
 
 /// `x` (..., H, W) -> (..., top + H + bottom, left + W + right), zeros around the input.

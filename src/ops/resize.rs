@@ -7,7 +7,7 @@ use super::float_dispatch;
 use crate::{Error, Float, Result, Tensor};
 
 /// (planes, H, W) of a tensor (..., H, W).
-fn planes(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize)> {
+pub(super) fn planes(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize)> {
     if x.rank() < 2 {
         return Err(Error::shape(
             op,
@@ -19,7 +19,8 @@ fn planes(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize)> {
     Ok((x.numel() / (h * w).max(1), h, w))
 }
 
-fn with_hw(shape: &[usize], h: usize, w: usize) -> Vec<usize> {
+/// `shape` with its last two dims replaced by (h, w).
+pub(super) fn with_hw(shape: &[usize], h: usize, w: usize) -> Vec<usize> {
     let mut s = shape.to_vec();
     let r = s.len();
     s[r - 2] = h;
