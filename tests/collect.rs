@@ -134,6 +134,9 @@ fn dual_inversion_shards_resume_and_refusal() {
         assert_eq!(ints(&f, "step"), vec![1, 3, 1, 3]);
         assert_eq!(ints(&f, "label"), vec![*label; 4]);
         assert_eq!(ints(&f, "prompt_kind"), vec![0, 0, 1, 1]);
+        // Every sample names its image's manifest line (the one kept line of the block).
+        assert_eq!(ints(&f, "line"), vec![lines[0] as i64; 4]);
+        assert_eq!(meta["format_version"], "2");
         let psnr = f.tensor("psnr").unwrap().to_vec::<f32>().unwrap();
         assert!(psnr.iter().all(|p| p.is_finite()), "{psnr:?}");
         assert_eq!(psnr[0], psnr[1], "one PSNR per prompt");

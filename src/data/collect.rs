@@ -31,7 +31,9 @@
 //!    drops only the swapped prompt's samples.
 //! 5. Each kept (prompt, record step) is one sample: `maps` (2, N, 16, 16) [subject, object],
 //!    `step` (the record step index), `label` (the index of the line's *true* relation in the
-//!    class list, for both prompts), `prompt_kind` (0 true, 1 swapped) and `psnr`.
+//!    class list, for both prompts), `prompt_kind` (0 true, 1 swapped), `psnr` and `line` (the
+//!    1-based manifest line number: every sample of one image carries it, so a trainer can keep
+//!    an image's samples, both prompts and all steps, on one side of a train/validation split).
 //!
 //! # Shards, workers and resuming
 //!
@@ -46,8 +48,9 @@
 //!
 //! Shard tensors (S samples; S may be 0): `maps` (S, 2, N, 16, 16) f32 (f16 with `maps_f16`, half
 //! the size: N = 195 for SD2.1 makes a sample 400 kB in f32), `step` (S,) i64, `label` (S,) i64,
-//! `prompt_kind` (S,) i64, `psnr` (S,) f32. Metadata (strings; JSON where structured): `format`
-//! ("steer-collect"), `format_version` ("1"), `classes` (JSON list), `n_maps`, `map_size`,
+//! `prompt_kind` (S,) i64, `psnr` (S,) f32, `line` (S,) i64 (since format version 2; version 1
+//! shards have no `line`). Metadata (strings; JSON where structured): `format`
+//! ("steer-collect"), `format_version` ("2"), `classes` (JSON list), `n_maps`, `map_size`,
 //! `record_steps` (JSON list), `steps`, `fixed_point_iters`, `min_psnr`, `single_inversion`,
 //! `seed`, `image_size`, `maps_dtype`, `model`, `manifest`, `worker` ("i/n"), `shard`,
 //! `lines_per_shard`, `lines` (JSON list of the 1-based manifest line numbers in the block),
@@ -72,8 +75,10 @@ use crate::{DType, Error, Result, Tensor};
 
 /// The `format` metadata value of a shard.
 pub const FORMAT: &str = "steer-collect";
-/// The shard layout's version (`format_version`).
-pub const FORMAT_VERSION: u32 = 1;
+/// The shard layout's version (`format_version`). 2 added the per-sample `line` tensor; readers
+/// (`steer train`) accept 1 and 2. A resumed collection refuses to mix versions in one folder
+/// (`format_version` is one of the settings a shard must share).
+pub const FORMAT_VERSION: u32 = 2;
 /// `prompt_kind` of a sample from the true prompt.
 pub const PROMPT_TRUE: i64 = 0;
 /// `prompt_kind` of a sample from the prompt with the swapped (randomly drawn) relation.
@@ -605,6 +610,8 @@ pub struct Sample {
     pub label: i64,
     pub prompt_kind: i64,
     pub psnr: f32,
+    /// The 1-based manifest line number of the image.
+    pub line: i64,
 }
 
 /// What became of one manifest line.
@@ -735,6 +742,7 @@ pub fn process_line(
                 label: label as i64,
                 prompt_kind: *kind,
                 psnr: psnr as f32,
+                line: line_no as i64,
             });
         }
     }
@@ -752,6 +760,7 @@ struct ShardData {
     label: Vec<i64>,
     prompt_kind: Vec<i64>,
     psnr: Vec<f32>,
+    line: Vec<i64>,
 }
 
 impl ShardData {
@@ -761,6 +770,7 @@ impl ShardData {
         self.label.push(s.label);
         self.prompt_kind.push(s.prompt_kind);
         self.psnr.push(s.psnr);
+        self.line.push(s.line);
     }
 
     fn write(
@@ -786,6 +796,7 @@ impl ShardData {
         let label = Tensor::from_vec(self.label, &[s])?;
         let kind = Tensor::from_vec(self.prompt_kind, &[s])?;
         let psnr = Tensor::from_vec(self.psnr, &[s])?;
+        let line = Tensor::from_vec(self.line, &[s])?;
         safetensors_io::save(
             path,
             &[
@@ -794,6 +805,7 @@ impl ShardData {
                 ("label", &label),
                 ("prompt_kind", &kind),
                 ("psnr", &psnr),
+                ("line", &line),
             ],
             Some(metadata),
         )

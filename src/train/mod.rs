@@ -7,6 +7,7 @@
 //! atomically, next to the model's weights if wanted, and [`load_tensors`] reads back.
 
 pub mod optim;
+pub mod trainer;
 
 use std::collections::HashMap;
 use std::path::Path;

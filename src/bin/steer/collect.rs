@@ -21,7 +21,7 @@ relation, and reconstructed; the two words' attention maps at the record steps a
 reconstruction's PSNR reaches --min-psnr. Both prompts' samples carry the TRUE relation's label.
 
 Lines with a missing or unreadable image, an unknown relation or words not found in the prompt \
-are reported and skipped. Shards (safetensors: maps, step, label, prompt_kind, psnr) are written \
+are reported and skipped. Shards (safetensors: maps, step, label, prompt_kind, psnr, line) are written \
 atomically to --out as shard-I-of-N-K.safetensors; rerunning the same command skips finished \
 shards, so a crash loses at most the shard in progress. --shard I/N splits the manifest among N \
 machines without coordination (job arrays: one I per task, the same --out).")]

@@ -4,6 +4,7 @@ mod classify;
 mod collect;
 mod forward;
 mod generate;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,8 @@ enum Command {
     Forward(forward::ForwardArgs),
     /// Generate an image from a prompt (DDIM, classifier-free guidance).
     Generate(generate::GenerateArgs),
+    /// Train the relation classifier on collected shards (AdamW, LR on plateau, early stopping, resumable).
+    Train(train::TrainArgs),
     /// Report the build (kernels embedded or not), CPU threads and whether a GPU is usable.
     Info {
         /// CUDA device ordinal to probe.
@@ -43,6 +46,7 @@ fn main() {
         Command::Collect(args) => collect::run(&args),
         Command::Forward(args) => forward::run(&args),
         Command::Generate(args) => generate::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::Info { device } => info(device),
     };
     if let Err(e) = result {
