@@ -103,6 +103,14 @@ impl Weights {
     }
 }
 
+/// A JSON config file (a diffusers `config.json`, `scheduler_config.json`, ...) parsed into `T`;
+/// errors name the file and `what` it should have been.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("invalid {what} config: {e}")))
+}
+
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let json: serde_json::Value = serde_json::from_str(&text)

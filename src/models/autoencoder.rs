@@ -13,7 +13,7 @@ use super::attention::Attention;
 use super::resnet::ResnetBlock2D;
 use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::ops::{self, Activation, Conv2dParams, Pad2d};
-use crate::weights::{Weights, WeightsView};
+use crate::weights::{read_config, Weights, WeightsView};
 use crate::{DType, Error, Result, Tensor};
 
 /// diffusers hard-codes this epsilon for every GroupNorm of the VAE (resnets, the mid-block
@@ -441,10 +441,7 @@ impl AutoencoderKL {
     /// Load from a diffusers `vae/` folder (config.json + diffusion_pytorch_model*.safetensors).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let config: VaeConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&cfg_path, format!("invalid AutoencoderKL config: {e}")))?;
+        let config: VaeConfig = read_config(&dir.join("config.json"), "AutoencoderKL")?;
         let weights = Weights::from_dir(dir, "diffusion_pytorch_model")?;
         Self::load(config, &weights)
     }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::attention::{merge_heads, split_heads};
 use crate::nn::{LayerNorm, Linear};
 use crate::ops::{self, Activation};
-use crate::weights::{Weights, WeightsView};
+use crate::weights::{read_config, Weights, WeightsView};
 use crate::{DType, Error, Result, Tensor};
 
 /// `text_encoder/config.json` (transformers' `CLIPTextConfig`). The sizes are required; the rest
@@ -145,10 +145,7 @@ impl CLIPTextModel {
     /// Load from a diffusers `text_encoder/` folder (config.json + model*.safetensors).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let config: CLIPTextConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&cfg_path, format!("invalid CLIPTextModel config: {e}")))?;
+        let config: CLIPTextConfig = read_config(&dir.join("config.json"), "CLIPTextModel")?;
         let weights = Weights::from_dir(dir, "model")?;
         Self::load(config, &weights)
     }

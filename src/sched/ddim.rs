@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use crate::ops;
+use crate::weights::read_config;
 use crate::{Error, Result, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -67,9 +68,7 @@ pub struct DdimConfig {
 impl DdimConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let cfg: DdimConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("invalid scheduler config: {e}")))?;
+        let cfg: DdimConfig = read_config(path, "scheduler")?;
         for (key, set) in [
             ("clip_sample", cfg.clip_sample),
             ("thresholding", cfg.thresholding),

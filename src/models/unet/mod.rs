@@ -17,7 +17,7 @@ use transformer::TransformerSaved;
 use super::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::ops::{self, Activation, Capture, Conv2dParams};
-use crate::weights::{Weights, WeightsView};
+use crate::weights::{read_config, Weights, WeightsView};
 use crate::{DType, Error, Result, Tensor};
 
 const SAME: Conv2dParams = Conv2dParams {
@@ -146,10 +146,7 @@ impl UNet2DConditionModel {
     /// Load from a diffusers `unet/` folder (config.json + diffusion_pytorch_model*.safetensors).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-        let config: UNetConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::format(&cfg_path, format!("invalid UNet config: {e}")))?;
+        let config: UNetConfig = read_config(&dir.join("config.json"), "UNet")?;
         let weights = Weights::from_dir(dir, "diffusion_pytorch_model")?;
         Self::load(config, &weights)
     }
