@@ -256,12 +256,7 @@ impl Shifted {
         let mut dxp = vec![T::ZERO; g.cin * self.hp * self.wp];
         for i in 0..g.kh {
             for j in 0..g.kw {
-                let t = self.tap(g, w, i, j);
-                let tap_t = Strided {
-                    data: t.data,
-                    rs: t.cs,
-                    cs: t.rs,
-                };
+                let tap_t = self.tap(g, w, i, j).t();
                 let c = StridedMut {
                     data: &mut dxp[i * self.wp + j..],
                     rs: self.hp * self.wp,
@@ -281,12 +276,7 @@ impl Shifted {
             let xp = self.padded(g, x);
             for i in 0..g.kh {
                 for j in 0..g.kw {
-                    let v = self.view(&xp, i, j);
-                    let view_t = Strided {
-                        data: v.data,
-                        rs: v.cs,
-                        cs: v.rs,
-                    };
+                    let view_t = self.view(&xp, i, j).t();
                     let c = StridedMut {
                         data: &mut dw[i * g.kw + j..],
                         rs: g.cin * g.kh * g.kw,

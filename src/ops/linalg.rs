@@ -18,6 +18,34 @@ pub(crate) struct Strided<'a, T> {
     pub cs: usize,
 }
 
+impl<'a, T> Strided<'a, T> {
+    /// A contiguous row-major (rows, cols) matrix, or its transpose when `layout` is `T` (then
+    /// the slice holds the (cols, rows) matrix).
+    fn contiguous(data: &'a [T], layout: Layout, rows: usize, cols: usize) -> Self {
+        match layout {
+            Layout::N => Strided {
+                data,
+                rs: cols,
+                cs: 1,
+            },
+            Layout::T => Strided {
+                data,
+                rs: 1,
+                cs: rows,
+            },
+        }
+    }
+
+    /// The transpose: the same elements with rows and columns swapped.
+    pub fn t(self) -> Self {
+        Strided {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+}
+
 /// A mutable matrix inside a slice, as [`Strided`].
 pub(crate) struct StridedMut<'a, T> {
     pub data: &'a mut [T],
@@ -113,30 +141,8 @@ pub(crate) fn gemm<T: Float>(
     c: &mut [T],
     accumulate: bool,
 ) {
-    let a = match la {
-        Layout::N => Strided {
-            data: a,
-            rs: k,
-            cs: 1,
-        },
-        Layout::T => Strided {
-            data: a,
-            rs: 1,
-            cs: m,
-        },
-    };
-    let b = match lb {
-        Layout::N => Strided {
-            data: b,
-            rs: n,
-            cs: 1,
-        },
-        Layout::T => Strided {
-            data: b,
-            rs: 1,
-            cs: k,
-        },
-    };
+    let a = Strided::contiguous(a, la, m, k);
+    let b = Strided::contiguous(b, lb, k, n);
     gemm_strided(
         m,
         n,
