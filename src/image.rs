@@ -44,22 +44,8 @@ pub fn load_png(path: impl AsRef<Path>) -> Result<Tensor> {
 /// Write a (1, 3, H, W) image in [-1, 1] as an 8-bit RGB PNG (clamped, rounded).
 pub fn save_png(image: &Tensor, path: impl AsRef<Path>) -> Result<()> {
     let path = path.as_ref();
-    let s = image.shape();
-    if s.len() != 4 || s[0] != 1 || s[1] != 3 {
-        return Err(Error::shape(
-            "save_png",
-            format!("image {s:?} must be (1, 3, H, W)"),
-        ));
-    }
-    let (h, w) = (s[2], s[3]);
-    let v = image.to_vec::<f32>()?;
-    let mut rgb = vec![0u8; 3 * h * w];
-    for p in 0..h * w {
-        for c in 0..3 {
-            let x = ((v[c * h * w + p] + 1.0) * 0.5).clamp(0.0, 1.0);
-            rgb[p * 3 + c] = (x * 255.0).round() as u8;
-        }
-    }
+    let rgb = to_rgb8(image)?;
+    let (h, w) = (image.shape()[2], image.shape()[3]);
     let tmp = path.with_extension("png.tmp");
     let file = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mut enc = png::Encoder::new(BufWriter::new(file), w as u32, h as u32);
@@ -70,6 +56,45 @@ pub fn save_png(image: &Tensor, path: impl AsRef<Path>) -> Result<()> {
     writer.write_image_data(&rgb).map_err(err)?;
     writer.finish().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+/// A (1, 3, H, W) image in [-1, 1] as row-major RGB bytes (clamped, rounded), as a PNG holds it.
+pub fn to_rgb8(image: &Tensor) -> Result<Vec<u8>> {
+    let s = image.shape();
+    if s.len() != 4 || s[0] != 1 || s[1] != 3 {
+        return Err(Error::shape(
+            "to_rgb8",
+            format!("image {s:?} must be (1, 3, H, W)"),
+        ));
+    }
+    let hw = s[2] * s[3];
+    let v = image.to_vec::<f32>()?;
+    let mut rgb = vec![0u8; 3 * hw];
+    for p in 0..hw {
+        for c in 0..3 {
+            let x = ((v[c * hw + p] + 1.0) * 0.5).clamp(0.0, 1.0);
+            rgb[p * 3 + c] = (x * 255.0).round() as u8;
+        }
+    }
+    Ok(rgb)
+}
+
+/// Row-major RGB bytes (`h * w * 3`) as a (1, 3, h, w) image in [-1, 1]; [`to_rgb8`] inverts it
+/// exactly.
+pub fn from_rgb8(rgb: &[u8], h: usize, w: usize) -> Result<Tensor> {
+    if rgb.len() != 3 * h * w {
+        return Err(Error::shape(
+            "from_rgb8",
+            format!("{} bytes for a {h}x{w} RGB image", rgb.len()),
+        ));
+    }
+    let mut out = vec![0f32; 3 * h * w];
+    for p in 0..h * w {
+        for c in 0..3 {
+            out[c * h * w + p] = rgb[p * 3 + c] as f32 / 127.5 - 1.0;
+        }
+    }
+    Tensor::from_vec(out, &[1, 3, h, w])
 }
 
 /// Peak signal-to-noise ratio in dB of two images in [-1, 1], measured on the 8-bit values a PNG

@@ -243,6 +243,7 @@ fn small_config(mode: StepEmbedding, head_te: usize) -> ClassifierConfig {
         },
         classes: vec!["a".into(), "b".into(), "c".into()],
         step_buckets: vec![2, 6],
+        input_scale: 1.0,
     }
 }
 
@@ -335,6 +336,26 @@ fn finite_differences_train_dropout() {
         Some(77),
     );
     println!("finite differences (train, fixed dropout masks): worst {e:.2e}");
+}
+
+#[test]
+fn input_scale_scales_the_maps_and_their_gradient() {
+    // The gradient to the maps includes the scale (finite differences), and a config's
+    // input_scale survives the checkpoint's JSON.
+    let mut config = small_config(StepEmbedding::Mid, 3);
+    config.input_scale = 4.0;
+    let json = config.to_reference_json();
+    assert_eq!(json["input_scale"], 4.0);
+    let buckets = serde_json::json!({ "timesteps": config.step_buckets });
+    let back =
+        ClassifierConfig::from_reference(&json, 3, config.classes.clone(), Some(&buckets)).unwrap();
+    assert_eq!(back.input_scale, 4.0);
+    assert!(small_config(StepEmbedding::Mid, 3)
+        .to_reference_json()
+        .get("input_scale")
+        .is_none());
+    let e = finite_differences(random_model(config, 6), None);
+    println!("finite differences (input_scale 4): worst {e:.2e}");
 }
 
 #[test]

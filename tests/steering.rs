@@ -59,7 +59,7 @@ fn three_passes_match_pytorch() {
     };
     let steerer = Steerer {
         unet: &unet,
-        classifier: &classifier,
+        loss: &classifier,
         cond: &cond,
         targets: &targets,
         config: &config,
@@ -113,7 +113,7 @@ fn loop_stops_at_the_loss_target_and_skips_nonfinite_gradients() {
     };
     let steerer = Steerer {
         unet: &unet,
-        classifier: &classifier,
+        loss: &classifier,
         cond: &cond,
         targets: &targets,
         config: &config,
@@ -132,7 +132,7 @@ fn loop_stops_at_the_loss_target_and_skips_nonfinite_gradients() {
     };
     let steerer = Steerer {
         unet: &unet,
-        classifier: &classifier,
+        loss: &classifier,
         cond: &cond,
         targets: &targets,
         config: &config,

@@ -165,6 +165,7 @@ fn small_sizes() -> ClassifierSizes {
         },
         classes: Vec::new(),
         step_buckets: Vec::new(),
+        input_scale: 1.0,
     })
 }
 

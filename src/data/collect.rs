@@ -64,6 +64,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::hash::Fnv1a;
 use crate::image;
 use crate::pipelines::{GenerateRequest, StableDiffusion};
 use crate::rng::Rng;
@@ -396,15 +397,14 @@ pub fn worker_lines(total: usize, worker: usize, workers: usize) -> Vec<usize> {
 /// FNV-1a (64 bit) of the lines' text joined by newlines: ties a shard to the manifest lines it
 /// was made from.
 fn lines_hash<'a>(lines: impl IntoIterator<Item = &'a str>) -> String {
-    let mut h: u64 = 0xCBF2_9CE4_8422_2325;
+    let mut h = Fnv1a::default();
     for (i, line) in lines.into_iter().enumerate() {
-        let sep: &[u8] = if i == 0 { b"" } else { b"\n" };
-        for &b in sep.iter().chain(line.as_bytes()) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01B3);
+        if i > 0 {
+            h.update(b"\n");
         }
+        h.update(line.as_bytes());
     }
-    format!("{h:016x}")
+    h.hex()
 }
 
 /// Per-shard (and, summed, per-worker) counts.

@@ -2,6 +2,10 @@
 //! `text_encoder/`, `unet/`, `vae/`, `scheduler/`): prompt encoding, DDIM sampling with
 //! classifier-free guidance, VAE decoding, and DDIM inversion of an image.
 //!
+//! A folder without a VAE (`model_index.json` names none and there is no `vae/`) is a
+//! pixel-space pipeline, as the shipped ShapesWorld model is: the UNet denoises the image itself
+//! (3 channels, in [-1, 1]), so encoding and decoding are the identity.
+//!
 //! The sampling loop exposes two points that steering and data collection use: a hook that may
 //! change the latent before each denoising step, and map recording during the denoising forward.
 
@@ -20,7 +24,8 @@ pub struct StableDiffusion {
     pub tokenizer: Tokenizer,
     pub text_encoder: CLIPTextModel,
     pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
+    /// `None` for a pixel-space pipeline (module docs).
+    pub vae: Option<AutoencoderKL>,
     pub scheduler: DdimScheduler,
 }
 
@@ -32,7 +37,7 @@ pub struct GenerateRequest<'a> {
     pub uncond: Option<&'a Tensor>,
     pub guidance: f64,
     pub steps: usize,
-    /// The initial noise (1, 4, h, w) (scaled by the scheduler's init sigma, 1 for DDIM).
+    /// The initial noise (1, C, h, w), C the UNet's `in_channels` (scaled by the scheduler's init sigma, 1 for DDIM).
     pub init_latents: Tensor,
     /// Record the maps of these words (token indices) during the denoising forward at these
     /// step indices (0-based). Conditional branch only.
@@ -58,23 +63,53 @@ impl StableDiffusion {
                 "not a diffusers pipeline folder: no model_index.json",
             ));
         }
+        let vae_dir = dir.join("vae");
+        let vae = if vae_dir.exists() || index_names_vae(&index)? {
+            Some(AutoencoderKL::from_dir(vae_dir)?)
+        } else {
+            None
+        };
+        let unet = UNet2DConditionModel::from_dir(dir.join("unet"))?;
+        if vae.is_none() {
+            let c = &unet.config;
+            if c.in_channels != 3 || c.out_channels != 3 {
+                return Err(Error::format(
+                    &dir,
+                    format!(
+                        "no VAE (model_index.json names none and there is no vae/), so this is a \
+                         pixel-space pipeline, but its UNet has {} input and {} output channels \
+                         where an RGB image has 3",
+                        c.in_channels, c.out_channels
+                    ),
+                ));
+            }
+        }
         Ok(StableDiffusion {
             tokenizer: Tokenizer::from_dir(dir.join("tokenizer"))?,
             text_encoder: CLIPTextModel::from_dir(dir.join("text_encoder"))?,
-            unet: UNet2DConditionModel::from_dir(dir.join("unet"))?,
-            vae: AutoencoderKL::from_dir(dir.join("vae"))?,
+            unet,
+            vae,
             // SD2.1-base ships a PNDM config; as the reference does, we read it as DDIM's.
             scheduler: DdimScheduler::from_dir(dir.join("scheduler"))?,
             dir,
         })
     }
 
-    /// Pixels per latent pixel (8 for SD2.1).
-    pub fn vae_scale_factor(&self) -> usize {
-        1 << (self.vae.config.block_out_channels.len() - 1)
+    /// Whether the UNet denoises pixels (no VAE).
+    pub fn is_pixel_space(&self) -> bool {
+        self.vae.is_none()
     }
 
-    /// The image size the UNet was trained for (512 for SD2.1-base).
+    /// Pixels per latent pixel (8 for SD2.1, 1 in pixel space).
+    pub fn vae_scale_factor(&self) -> usize {
+        match &self.vae {
+            Some(vae) => 1 << (vae.config.block_out_channels.len() - 1),
+            None => 1,
+        }
+    }
+
+    /// The image size the UNet was trained for (512 for SD2.1-base, the UNet's `sample_size` in
+    /// pixel space).
     pub fn default_size(&self) -> usize {
         self.unet.config.sample_size.unwrap_or(64) * self.vae_scale_factor()
     }
@@ -146,15 +181,39 @@ impl StableDiffusion {
         Ok(GenerateOutput { latents: z, maps })
     }
 
-    /// Latents to an image in [-1, 1] (1, 3, H, W).
+    /// Latents to an image in [-1, 1] (1, 3, H, W). In pixel space the latent is the image.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vae
-            .decode(&ops::scale(latents, 1.0 / self.vae.scaling_factor())?)
+        match &self.vae {
+            Some(vae) => vae.decode(&ops::scale(latents, 1.0 / vae.scaling_factor())?),
+            None => {
+                self.check_pixels("decode", latents)?;
+                Ok(latents.clone())
+            }
+        }
     }
 
-    /// An image in [-1, 1] to its (scaled) latent: the VAE posterior's mean.
+    /// An image in [-1, 1] to its (scaled) latent: the VAE posterior's mean; in pixel space the
+    /// image itself.
     pub fn encode_image(&self, image: &Tensor) -> Result<Tensor> {
-        ops::scale(&self.vae.encode(image)?, self.vae.scaling_factor())
+        match &self.vae {
+            Some(vae) => ops::scale(&vae.encode(image)?, vae.scaling_factor()),
+            None => {
+                self.check_pixels("encode_image", image)?;
+                Ok(image.clone())
+            }
+        }
+    }
+
+    /// A pixel-space image or latent: (B, in_channels, H, W).
+    fn check_pixels(&self, op: &'static str, x: &Tensor) -> Result<()> {
+        let c = self.unet.config.in_channels;
+        match x.shape() {
+            [_, xc, _, _] if *xc == c => Ok(()),
+            s => Err(Error::shape(
+                op,
+                format!("pixel-space pipeline: expected (B, {c}, H, W), got {s:?}"),
+            )),
+        }
     }
 
     /// Fixed-point DDIM inversion of a latent with the prompt's conditional prediction
@@ -170,4 +229,17 @@ impl StableDiffusion {
             Ok(self.unet.forward(z, t as f64, cond, None, false)?.out)
         })
     }
+}
+
+/// Whether `model_index.json` names a VAE: its `vae` entry is present and not `null` or
+/// `[null, null]` (diffusers' way of saving a pipeline without one).
+fn index_names_vae(index: &Path) -> Result<bool> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(index, format!("invalid JSON: {e}")))?;
+    Ok(match json.get("vae") {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Array(parts)) => parts.iter().any(|p| !p.is_null()),
+        Some(_) => true,
+    })
 }

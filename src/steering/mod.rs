@@ -1,6 +1,7 @@
 //! Learn-to-Steer proper: which attention maps the classifier reads and how they are assembled.
 
 pub mod capture;
+pub mod centroid;
 pub mod classifier;
 pub mod params;
 pub mod prompt;

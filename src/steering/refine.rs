@@ -2,7 +2,7 @@
 //! at each optimised denoising step, up to 1 + `max_refinements` passes; each pass runs the
 //! denoiser on z_t (conditional prompt only) capturing the maps of one triplet's words
 //! (round robin over the prompt's triplets), scores them with the relation classifier at the
-//! step's training bucket, and, while the cross-entropy against the requested relation is above
+//! step's training bucket (or any other [`MapLoss`]), and, while the cross-entropy against the requested relation is above
 //! the step's target, moves z_t by plain gradient descent: `z_t <- z_t - step_size * dL/dz_t`.
 
 use serde::Serialize;
@@ -86,10 +86,38 @@ pub struct StepReport {
     pub final_loss: f64,
 }
 
+/// What the loop minimises: a loss of one triplet's maps.
+pub trait MapLoss {
+    /// The loss of `maps` (1, 2, N, S, S) [subject, object] at denoising step `step` against the
+    /// requested class `class`, with its gradient with respect to `maps`.
+    fn loss_and_grad(&self, maps: &Tensor, step: usize, class: usize) -> Result<MapLossEval>;
+}
+
+pub struct MapLossEval {
+    pub loss: f64,
+    /// Class probabilities where the loss has them (the classifier's), else empty.
+    pub probs: Vec<f64>,
+    /// d loss / d maps, the shape of the maps.
+    pub grad: Tensor,
+}
+
+/// The learned loss: cross-entropy of the classifier's logits, read at the step's bucket.
+impl MapLoss for RelationClassifier {
+    fn loss_and_grad(&self, maps: &Tensor, step: usize, class: usize) -> Result<MapLossEval> {
+        let (logits, saved) = self.forward(maps, &[self.bucket_step(step)], None)?;
+        let loss = ops::cross_entropy(&logits, &[class])?.to_vec::<f64>()?[0];
+        let probs = ops::softmax(&logits)?.to_vec::<f64>()?;
+        let dlogits = ops::cross_entropy_backward(&logits, &[class], 1.0)?;
+        let grad = self.input_grad(&saved, &dlogits)?;
+        Ok(MapLossEval { loss, probs, grad })
+    }
+}
+
 /// Everything the loop needs besides the latent: the frozen models and the conditional text.
 pub struct Steerer<'a> {
     pub unet: &'a UNet2DConditionModel,
-    pub classifier: &'a RelationClassifier,
+    /// The loss: a [`RelationClassifier`] (Learn-to-Steer), or a hand-crafted one.
+    pub loss: &'a dyn MapLoss,
     /// The prompt's embedding (1, 77, C): the conditional branch only.
     pub cond: &'a Tensor,
     pub targets: &'a [SteeringTarget],
@@ -106,7 +134,6 @@ impl Steerer<'_> {
     pub fn refine(&self, z: &mut Tensor, step: usize, t: usize) -> Result<StepReport> {
         let cfg = self.config;
         let target = cfg.loss_target(step);
-        let bucket = self.classifier.bucket_step(step);
         let input = z.clone();
         let mut passes = Vec::new();
         let mut final_loss = f64::NAN;
@@ -115,9 +142,8 @@ impl Steerer<'_> {
             let tg = &self.targets[ti];
             let words = [tg.subject_tokens.clone(), tg.object_tokens.clone()];
             let o = unet_with_maps(self.unet, z, t as f64, self.cond, &words, true)?;
-            let (logits, saved) = self.classifier.forward(&o.maps, &[bucket], None)?;
-            let loss = ops::cross_entropy(&logits, &[tg.class])?.to_vec::<f64>()?[0];
-            let probs = ops::softmax(&logits)?.to_vec::<f64>()?;
+            let MapLossEval { loss, probs, grad } =
+                self.loss.loss_and_grad(&o.maps, step, tg.class)?;
             final_loss = loss;
             let mut pass = PassReport {
                 target: ti,
@@ -135,9 +161,7 @@ impl Steerer<'_> {
                 passes.push(pass);
                 break;
             }
-            let dlogits = ops::cross_entropy_backward(&logits, &[tg.class], 1.0)?;
-            let dmaps = self.classifier.input_grad(&saved, &dlogits)?;
-            let grad = o.sample_grad(self.unet, &dmaps)?;
+            let grad = o.sample_grad(self.unet, &grad)?;
             if ops::latent_update(z, &grad, cfg.step_size)? {
                 pass.updated = true;
                 passes.push(pass);

@@ -65,6 +65,7 @@ use super::optim::{
     AdamW, AdamWConfig, EarlyStopping, NamedTensors, PlateauConfig, ReduceLROnPlateau, Update,
 };
 use crate::data::collect::{self, PROMPT_SWAPPED, PROMPT_TRUE};
+use crate::hash::Fnv1a;
 use crate::ops;
 use crate::rng::Rng;
 use crate::safetensors_io::SafetensorsFile;
@@ -415,6 +416,28 @@ impl Dataset {
         Ok(ds)
     }
 
+    /// Drop every swapped-prompt sample (keep `prompt_kind` 0).
+    pub fn keep_true_prompts(&mut self) {
+        let keep: Vec<bool> = self
+            .prompt_kinds
+            .iter()
+            .map(|&k| k == PROMPT_TRUE)
+            .collect();
+        fn filter<T: Copy>(v: &mut Vec<T>, keep: &[bool]) {
+            let mut i = 0;
+            v.retain(|_| {
+                i += 1;
+                keep[i - 1]
+            });
+        }
+        filter(&mut self.file_of, &keep);
+        filter(&mut self.row_of, &keep);
+        filter(&mut self.steps, &keep);
+        filter(&mut self.labels, &keep);
+        filter(&mut self.prompt_kinds, &keep);
+        filter(&mut self.image_of, &keep);
+    }
+
     /// Samples in all.
     pub fn len(&self) -> usize {
         self.labels.len()
@@ -457,19 +480,16 @@ impl Dataset {
     /// A fingerprint of the data (file names and sample counts), for checking that a resumed
     /// run trains on the same data.
     fn fingerprint(&self) -> Value {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut h = Fnv1a::default();
         for f in &self.files {
             let name = f.path.file_name().unwrap_or_default().to_string_lossy();
-            for b in format!("{name}:{}\n", f.samples).bytes() {
-                h ^= b as u64;
-                h = h.wrapping_mul(0x0000_0100_0000_01B3);
-            }
+            h.update(format!("{name}:{}\n", f.samples).as_bytes());
         }
         json!({
             "files": self.files.len(),
             "samples": self.len(),
             "images": self.num_images(),
-            "fnv1a64": format!("{h:016x}"),
+            "fnv1a64": h.hex(),
         })
     }
 
@@ -644,6 +664,9 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Continue the run in `out` (start afresh when it has no state file).
     pub resume: bool,
+    /// Train on the true prompts' samples only: single inversion, the linguistic-shortcut
+    /// ablation (SPEC section 5), from the same dual-inversion shards.
+    pub true_prompts_only: bool,
 }
 
 impl TrainOptions {
@@ -672,6 +695,7 @@ impl TrainOptions {
             plateau: PlateauConfig::reference(),
             seed: 0,
             resume: false,
+            true_prompts_only: false,
         }
     }
 
@@ -1019,6 +1043,7 @@ fn settings_json(
             "cooldown": opts.plateau.cooldown,
         },
         "seed": opts.seed,
+        "true_prompts_only": opts.true_prompts_only,
         "data": data,
         "val_data": val_data,
         "split": serde_json::to_value(split).expect("plain data"),
@@ -1028,7 +1053,10 @@ fn settings_json(
 /// Train as the module documentation says; returns the final report (also in `report.json`).
 pub fn train(opts: &TrainOptions, events: &mut dyn TrainEvents) -> Result<TrainReport> {
     opts.validate()?;
-    let train_ds = Dataset::open(&opts.data)?;
+    let mut train_ds = Dataset::open(&opts.data)?;
+    if opts.true_prompts_only {
+        train_ds.keep_true_prompts();
+    }
     if train_ds.is_empty() {
         return Err(Error::Invalid(format!(
             "no samples in the data: {} shard file(s), all empty",
@@ -1038,7 +1066,10 @@ pub fn train(opts: &TrainOptions, events: &mut dyn TrainEvents) -> Result<TrainR
     let val_ds = if opts.val_data.is_empty() {
         None
     } else {
-        let v = Dataset::open(&opts.val_data)?;
+        let mut v = Dataset::open(&opts.val_data)?;
+        if opts.true_prompts_only {
+            v.keep_true_prompts();
+        }
         if v.is_empty() {
             return Err(Error::Invalid(format!(
                 "no samples in --val-data: {} shard file(s), all empty",

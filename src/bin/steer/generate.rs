@@ -6,6 +6,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use steer::pipelines::{GenerateRequest, StableDiffusion};
 use steer::safetensors_io::{self, SafetensorsFile};
+use steer::shapes::eval::EvalSettings;
+use steer::shapes::model::{shipped_file, shipped_model_dir};
 use steer::steering::classifier::RelationClassifier;
 use steer::steering::prompt::{parse_relations, triplet_token_indices};
 use steer::steering::refine::{Steerer, SteeringConfig, SteeringTarget};
@@ -13,24 +15,28 @@ use steer::{image, DType, Error, Result, Tensor};
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A diffusers Stable Diffusion 2.1 folder (model_index.json, unet/, vae/, ...).
+    /// A diffusers Stable Diffusion 2.1 folder (model_index.json, unet/, vae/, ...), or a
+    /// pixel-space one without vae/. Default: the shipped ShapesWorld model (32x32 images of
+    /// coloured shapes), embedded in the binary.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// The prompt, e.g. "a dog to the right of a teddy bear".
     pub prompt: String,
     #[arg(long, default_value = "")]
     pub negative_prompt: String,
     #[arg(long, default_value_t = 50)]
     pub steps: usize,
-    /// Classifier-free guidance scale (1 disables guidance).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    /// Classifier-free guidance scale (1 disables guidance) [default: 7.5, or 3 for the shipped
+    /// ShapesWorld model].
+    #[arg(long)]
+    pub guidance: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Image height and width in pixels (default: the model's native size).
     #[arg(long)]
     pub size: Option<usize>,
-    /// Initial noise from a safetensors file (its tensor `latents`, shape (1, 4, h, w)), to match
+    /// Initial noise from a safetensors file (its tensor `latents`, shape (1, C, h, w), C the
+    /// UNet's input channels: 4 for SD2.1, 3 in pixel space), to match
     /// a run of diffusers' pipeline exactly; overrides --seed and --size.
     #[arg(long)]
     pub noise: Option<PathBuf>,
@@ -42,9 +48,13 @@ pub struct GenerateArgs {
     pub save_latents: Option<PathBuf>,
     /// A relation classifier (safetensors from scripts/convert_classifier.py or `steer train`):
     /// steer the relations found in the prompt. Without it, or when the prompt names no
-    /// relation, generation is unsteered.
+    /// relation, generation is unsteered. The shipped ShapesWorld model comes with its own
+    /// classifier, used by default.
     #[arg(long)]
     pub classifier: Option<PathBuf>,
+    /// Do not steer, even with the shipped model's classifier.
+    #[arg(long, conflicts_with = "classifier")]
+    pub no_steer: bool,
     /// Where to write the steering report (JSON); default: the PNG's path with .json.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -72,7 +82,24 @@ fn progress_bar(steps: usize) -> ProgressBar {
 }
 
 pub fn run(args: &GenerateArgs) -> Result<()> {
-    let pipe = StableDiffusion::from_dir(&args.model)?;
+    let model = match &args.model {
+        Some(dir) => dir.clone(),
+        None => {
+            let dir = shipped_model_dir()?;
+            eprintln!(
+                "no --model: using the shipped ShapesWorld model ({})",
+                dir.display()
+            );
+            dir
+        }
+    };
+    let shipped = args.model.is_none();
+    let pipe = StableDiffusion::from_dir(&model)?;
+    let guidance = args.guidance.unwrap_or(if shipped {
+        EvalSettings::default().guidance
+    } else {
+        7.5
+    });
     let init_latents = match &args.noise {
         Some(path) => SafetensorsFile::open(path)?
             .tensor("latents")?
@@ -80,10 +107,11 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         None => {
             let size = args.size.unwrap_or_else(|| pipe.default_size());
             let f = pipe.vae_scale_factor();
-            if size % (f * 8) != 0 {
+            // The UNet halves the latent once per down block but the last.
+            let multiple = f << (pipe.unet.config.block_out_channels.len().max(1) - 1);
+            if size % multiple != 0 {
                 return Err(Error::Invalid(format!(
-                    "--size {size} must be a multiple of {}",
-                    f * 8
+                    "--size {size} must be a multiple of {multiple}"
                 )));
             }
             let c = pipe.unet.config.in_channels;
@@ -92,7 +120,12 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     };
     let cond = pipe.encode_prompt(&args.prompt)?;
     let uncond = pipe.encode_prompt(&args.negative_prompt)?;
-    let steering = match &args.classifier {
+    let classifier = match &args.classifier {
+        Some(path) => Some(path.clone()),
+        None if shipped && !args.no_steer => shipped_file("classifier.safetensors"),
+        None => None,
+    };
+    let steering = match &classifier {
         Some(path) => load_steering(&pipe, path, &args.prompt)?,
         None => None,
     };
@@ -112,7 +145,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     let req = GenerateRequest {
         cond: &cond,
         uncond: Some(&uncond),
-        guidance: args.guidance,
+        guidance,
         steps: args.steps,
         init_latents,
         record_maps: None,
@@ -122,7 +155,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         Some((classifier, targets)) => {
             let steerer = Steerer {
                 unet: &pipe.unet,
-                classifier,
+                loss: classifier,
                 cond: &cond,
                 targets,
                 config: &config,
@@ -151,7 +184,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "prompt": args.prompt,
             "seed": args.seed,
             "steps": args.steps,
-            "guidance": args.guidance,
+            "guidance": guidance,
             "classifier": args.classifier,
             "classes": classifier.classes(),
             "targets": targets,

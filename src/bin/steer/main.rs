@@ -2,8 +2,10 @@
 
 mod classify;
 mod collect;
+mod eval;
 mod forward;
 mod generate;
+mod shapes;
 mod train;
 
 use clap::{Parser, Subcommand};
@@ -25,10 +27,14 @@ enum Command {
     Classify(classify::ClassifyArgs),
     /// Make the classifier's training data: dual inversion of a manifest's images, maps recorded, PSNR-filtered shards.
     Collect(collect::CollectArgs),
+    /// ShapesWorld's benchmark: generate a fixed prompt set unsteered and steered, score position accuracy with the detector.
+    Eval(eval::EvalArgs),
     /// Evaluate one model component on tensors from a safetensors file (check weights against PyTorch).
     Forward(forward::ForwardArgs),
     /// Generate an image from a prompt (DDIM, classifier-free guidance).
     Generate(generate::GenerateArgs),
+    /// ShapesWorld: draw datasets of two coloured shapes in a known relation.
+    Shapes(shapes::ShapesArgs),
     /// Train the relation classifier on collected shards (AdamW, LR on plateau, early stopping, resumable).
     Train(train::TrainArgs),
     /// Report the build (kernels embedded or not), CPU threads and whether a GPU is usable.
@@ -44,8 +50,10 @@ fn main() {
     let result = match cli.command {
         Command::Classify(args) => classify::run(&args),
         Command::Collect(args) => collect::run(&args),
+        Command::Eval(args) => eval::run(&args),
         Command::Forward(args) => forward::run(&args),
         Command::Generate(args) => generate::run(&args),
+        Command::Shapes(args) => shapes::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Info { device } => info(device),
     };

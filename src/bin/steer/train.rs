@@ -122,6 +122,9 @@ pub struct TrainArgs {
     /// Continue the run in --out from its train-state.safetensors (a new run if there is none).
     #[arg(long)]
     pub resume: bool,
+    /// Use only the true prompts' samples (single inversion): the linguistic-shortcut ablation.
+    #[arg(long)]
+    pub true_prompts_only: bool,
 }
 
 struct Bar {
@@ -234,6 +237,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     opts.seed = args.seed;
     opts.resume = args.resume;
+    opts.true_prompts_only = args.true_prompts_only;
 
     let bar = ProgressBar::new(0);
     bar.set_style(
