@@ -186,7 +186,8 @@ pub fn run(
     progress: impl Fn(&Sample) + Sync,
 ) -> Result<Vec<Sample>> {
     let uncond = pipe.encode_prompt("")?;
-    let size = pipe.default_size() / pipe.vae_scale_factor();
+    let side = pipe.default_size();
+    let size = side / pipe.vae_scale_factor();
     let channels = pipe.unet.config.in_channels;
     let per_case: Vec<Vec<Sample>> = cases
         .par_iter()
@@ -250,8 +251,6 @@ pub fn run(
                     }
                 };
                 let rgb = to_rgb8(&pipe.decode(&latents)?)?;
-                let hw = (rgb.len() / 3) as f64;
-                let side = hw.sqrt() as usize;
                 let Verdict {
                     subject,
                     object,

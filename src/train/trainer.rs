@@ -1053,29 +1053,25 @@ fn settings_json(
 /// Train as the module documentation says; returns the final report (also in `report.json`).
 pub fn train(opts: &TrainOptions, events: &mut dyn TrainEvents) -> Result<TrainReport> {
     opts.validate()?;
-    let mut train_ds = Dataset::open(&opts.data)?;
-    if opts.true_prompts_only {
-        train_ds.keep_true_prompts();
-    }
-    if train_ds.is_empty() {
-        return Err(Error::Invalid(format!(
-            "no samples in the data: {} shard file(s), all empty",
-            train_ds.files.len()
-        )));
-    }
+    // Open shards, drop the swapped prompts for the single-inversion ablation, refuse no samples.
+    let open = |paths: &[PathBuf], what: &str| -> Result<Dataset> {
+        let mut ds = Dataset::open(paths)?;
+        if opts.true_prompts_only {
+            ds.keep_true_prompts();
+        }
+        if ds.is_empty() {
+            return Err(Error::Invalid(format!(
+                "no samples in {what}: {} shard file(s), all empty",
+                ds.files.len()
+            )));
+        }
+        Ok(ds)
+    };
+    let train_ds = open(&opts.data, "the data")?;
     let val_ds = if opts.val_data.is_empty() {
         None
     } else {
-        let mut v = Dataset::open(&opts.val_data)?;
-        if opts.true_prompts_only {
-            v.keep_true_prompts();
-        }
-        if v.is_empty() {
-            return Err(Error::Invalid(format!(
-                "no samples in --val-data: {} shard file(s), all empty",
-                v.files.len()
-            )));
-        }
+        let v = open(&opts.val_data, "--val-data")?;
         let (a, b) = (train_ds.files[0].path.display(), v.files[0].path.display());
         if v.classes != train_ds.classes {
             return Err(Error::Invalid(format!(
