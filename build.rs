@@ -1,4 +1,6 @@
-//! Compiles `kernels/*.cu` to PTX with nvcc and embeds it in the crate.
+//! Compiles `kernels/*.cu` twice: to PTX with nvcc, embedded in the crate for the GPU, and as
+//! host C++ through the emulation header `kernels/emu.h`, linked in so that the kernels run
+//! without a GPU (`steer::cuda::emulated`, tested in CI).
 //!
 //! nvcc is looked for in `NVCC`, then `CUDA_HOME/bin/nvcc`, then `PATH`. Without one the build is
 //! CPU-only (a cargo warning says so) and the CUDA backend reports "built without kernels". With
@@ -61,6 +63,61 @@ fn main() {
     }
     generated.push_str("];\n");
     let path = out_dir.join("kernels.rs");
+    fs::write(&path, generated)
+        .unwrap_or_else(|e| fail(format!("writing {}: {e}", path.display())));
+
+    compile_emulation(&sources, &out_dir);
+}
+
+/// Compiles every kernel file as host C++ (C++20 for the emulation header) into one static
+/// library, and writes `$OUT_DIR/emu_kernels.rs`: the launcher each `STEER_EMU_EXPORT(name)`
+/// defines, as `EMU_KERNELS`, a list of (kernel name, launcher).
+fn compile_emulation(sources: &[PathBuf], out_dir: &Path) {
+    let mut names = Vec::new();
+    for src in sources {
+        let text = fs::read_to_string(src)
+            .unwrap_or_else(|e| fail(format!("reading {}: {e}", src.display())));
+        names.extend(text.lines().filter_map(|line| {
+            let rest = line.trim().strip_prefix("STEER_EMU_EXPORT(")?;
+            Some(rest.split(')').next()?.trim().to_string())
+        }));
+    }
+    if !sources.is_empty() {
+        cc::Build::new()
+            .cpp(true)
+            .std("c++20")
+            // g++ does not know the .cu extension; -x must come before the file.
+            .flag("-x")
+            .flag("c++")
+            .define("STEER_EMULATE", None)
+            .include("kernels")
+            // Fibers and the emulated mma are slow unoptimised, whatever the profile.
+            .opt_level(2)
+            // Keep a * b - c two roundings, as the GPU kernels ask with __fmul_rn/__fsub_rn.
+            .flag("-ffp-contract=off")
+            .flag("-Wno-unknown-pragmas")
+            .files(sources)
+            .compile("steer_kernels_emu");
+    }
+    let mut generated = String::from(
+        "// The emulated launchers (kernels/emu.h, STEER_EMU_EXPORT), by kernel name.\n",
+    );
+    generated.push_str("extern \"C\" {\n");
+    for name in &names {
+        writeln!(
+            generated,
+            "    fn steer_emu_{name}(grid: *const u32, block: *const u32, smem: u32, \
+             args: *mut *mut std::ffi::c_void) -> i32;"
+        )
+        .expect("writing to a String cannot fail");
+    }
+    generated.push_str("}\npub(crate) const EMU_KERNELS: &[(&str, EmuLaunch)] = &[\n");
+    for name in &names {
+        writeln!(generated, "    ({name:?}, steer_emu_{name}),")
+            .expect("writing to a String cannot fail");
+    }
+    generated.push_str("];\n");
+    let path = out_dir.join("emu_kernels.rs");
     fs::write(&path, generated)
         .unwrap_or_else(|e| fail(format!("writing {}: {e}", path.display())));
 }

@@ -26,3 +26,4 @@ STEER_KERNEL void latent_update(float* __restrict__ out, const float* __restrict
         out[i] = __fsub_rn(z[i], __fmul_rn(lr, gi));
     }
 }
+STEER_EMU_EXPORT(latent_update)

@@ -276,6 +276,23 @@ impl Tensor {
         })
     }
 
+    /// This tensor in `other`'s dtype and on its device (a no-op when they already agree).
+    pub fn to_like(&self, other: &Tensor) -> Result<Tensor> {
+        let t = self.to_dtype(other.dtype())?;
+        match other.cuda_device() {
+            Some(dev) => t.to_cuda(dev),
+            None => t.to_host(),
+        }
+    }
+
+    /// The GPU the tensor lives on, or `None` for a host tensor.
+    pub fn cuda_device(&self) -> Option<&std::sync::Arc<crate::cuda::CudaDevice>> {
+        match &*self.storage {
+            Storage::Cuda(buf) => Some(buf.device()),
+            Storage::Host(_) => None,
+        }
+    }
+
     /// Copy to the host (a no-op clone for host tensors).
     pub fn to_host(&self) -> Result<Tensor> {
         match &*self.storage {

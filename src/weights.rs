@@ -5,6 +5,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use crate::cuda::CudaDevice;
 use crate::safetensors_io::SafetensorsFile;
 use crate::{DType, Error, Result, Tensor};
 
@@ -13,6 +16,44 @@ pub struct Weights {
     files: Vec<SafetensorsFile>,
     /// Tensor name -> index into `files`.
     index: HashMap<String, usize>,
+    placement: Placement,
+}
+
+/// Where and in which dtype a model's weights live: f32 on the host (the CPU backend, the
+/// default), or bf16 on a GPU (the CUDA backend), or bf16 on the host (for the kernels' host
+/// emulation, `steer::cuda::emulated`).
+#[derive(Clone, Debug)]
+pub struct Placement {
+    pub dtype: DType,
+    pub device: Option<Arc<CudaDevice>>,
+}
+
+impl Default for Placement {
+    fn default() -> Self {
+        Placement {
+            dtype: DType::F32,
+            device: None,
+        }
+    }
+}
+
+impl Placement {
+    /// bf16 on `device` (the CUDA backend's precision).
+    pub fn cuda(device: &Arc<CudaDevice>) -> Self {
+        Placement {
+            dtype: DType::BF16,
+            device: Some(device.clone()),
+        }
+    }
+
+    /// `t` converted to this dtype and moved to this device.
+    pub fn place(&self, t: &Tensor) -> Result<Tensor> {
+        let t = t.to_dtype(self.dtype)?;
+        match &self.device {
+            Some(dev) => t.to_cuda(dev),
+            None => Ok(t),
+        }
+    }
 }
 
 impl Weights {
@@ -69,14 +110,26 @@ impl Weights {
                 index.insert(name, i);
             }
         }
-        Ok(Weights { dir, files, index })
+        Ok(Weights {
+            dir,
+            files,
+            index,
+            placement: Placement::default(),
+        })
+    }
+
+    /// The same weights, read in `placement`'s dtype onto its device.
+    pub fn placed(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.index.contains_key(name)
     }
 
-    /// The tensor `name` as f32, which must have shape `shape`.
+    /// The tensor `name` in the placement's dtype and device (f32 on the host by default), which
+    /// must have shape `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let Some(&i) = self.index.get(name) else {
             return Err(Error::format(
@@ -84,7 +137,11 @@ impl Weights {
                 format!("missing tensor `{name}` (expected shape {shape:?})"),
             ));
         };
-        self.files[i].tensor_as(name, shape, DType::F32)
+        let t = self.files[i].tensor_as(name, shape, self.placement.dtype)?;
+        match &self.placement.device {
+            Some(dev) => t.to_cuda(dev),
+            None => Ok(t),
+        }
     }
 
     /// A view that prefixes every name with `prefix.`.

@@ -1,4 +1,5 @@
-//! The CUDA backend against the CPU reference.
+//! The CUDA backend against the CPU reference, on a real GPU: the kernel checks of
+//! tests/kernel_cases (which CI runs under emulation) plus what only hardware has.
 //!
 //! Without a GPU only the no-GPU contract runs: opening a device is an error value, never a
 //! panic. The `gpu_*` tests are reported as ignored unless the build sets `STEER_REQUIRE_GPU=1`
@@ -9,7 +10,11 @@
 use std::panic::catch_unwind;
 use std::sync::Arc;
 
+mod kernel_cases;
+
+use kernel_cases::Target;
 use steer::cuda::{kernels_built, CudaDevice};
+use steer::weights::Placement;
 use steer::{ops, DType, Error, Tensor};
 
 #[test]
@@ -53,52 +58,41 @@ fn gpu_upload_download_round_trip_is_exact() {
     assert!(Tensor::randn(&[4], DType::F64, 0).to_cuda(&dev).is_err());
 }
 
-/// Tolerance 0: the kernel rounds after the multiply and after the subtract, as the CPU does.
-#[test]
-#[cfg_attr(
-    not(steer_require_gpu),
-    ignore = "needs a GPU: set STEER_REQUIRE_GPU=1"
-)]
-fn gpu_latent_update_matches_cpu_bit_for_bit() {
+/// The GPU as a kernel_cases target: inputs uploaded, ops dispatching on their storage.
+fn gpu() -> Target {
     let dev = device();
-    // Sizes around the block size, and past the grid cap (4096 blocks of 256) for the grid-stride
-    // loop.
-    for (i, &n) in [1usize, 255, 257, 4 * 64 * 64, 4096 * 256 + 3]
-        .iter()
-        .enumerate()
-    {
-        let z0 = Tensor::randn(&[n], DType::F32, 10 + i as u64);
-        let g = Tensor::randn(&[n], DType::F32, 20 + i as u64);
-        let mut cpu = z0.clone();
-        assert!(ops::latent_update(&mut cpu, &g, 0.37).unwrap());
-        let mut gpu = z0.to_cuda(&dev).unwrap();
-        assert!(ops::latent_update(&mut gpu, &g.to_cuda(&dev).unwrap(), 0.37).unwrap());
-        let gpu = gpu.to_host().unwrap();
-        assert_eq!(gpu.rel_error(&cpu).unwrap(), 0.0, "n = {n}");
-        assert_eq!(
-            gpu.host("test").unwrap().as_bytes(),
-            cpu.host("test").unwrap().as_bytes()
-        );
+    let place = dev.clone();
+    Target {
+        name: "gpu",
+        place: Box::new(move |x| x.to_cuda(&place).expect("upload")),
+        emulate: false,
+        placement: Placement::cuda(&dev),
     }
 }
 
-#[test]
-#[cfg_attr(
-    not(steer_require_gpu),
-    ignore = "needs a GPU: set STEER_REQUIRE_GPU=1"
-)]
-fn gpu_latent_update_skips_non_finite_gradient() {
-    let dev = device();
-    for bad in [f32::NAN, f32::INFINITY] {
-        let z0 = Tensor::randn(&[5000], DType::F32, 1);
-        let mut g: Vec<f32> = Tensor::randn(&[5000], DType::F32, 2).to_vec().unwrap();
-        g[4999] = bad;
-        let g = Tensor::from_vec(g, &[5000]).unwrap().to_cuda(&dev).unwrap();
-        let mut z = z0.to_cuda(&dev).unwrap();
-        assert!(!ops::latent_update(&mut z, &g, 0.5).unwrap());
-        assert_eq!(z.to_vec::<f32>().unwrap(), z0.to_vec::<f32>().unwrap());
-    }
+macro_rules! gpu_tests {
+    ($($name:ident),* $(,)?) => {$(
+        #[test]
+        #[cfg_attr(not(steer_require_gpu), ignore = "needs a GPU: set STEER_REQUIRE_GPU=1")]
+        fn $name() {
+            kernel_cases::$name(&gpu());
+        }
+    )*};
 }
+
+gpu_tests!(
+    attention_forward_matches_cpu,
+    attention_backward_matches_cpu,
+    attention_map_gradient_alone_matches_cpu,
+    attention_rejects_bad_input,
+    latent_update_matches_cpu_bit_for_bit,
+    latent_update_skips_non_finite_gradient,
+    pointwise_ops_match_cpu,
+    data_movement_matches_cpu,
+    norms_match_cpu,
+    linear_and_conv_match_cpu,
+    unet_forward_matches_diffusers_in_bf16,
+);
 
 #[test]
 #[cfg_attr(

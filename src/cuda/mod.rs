@@ -6,8 +6,47 @@
 //! cloned [`DeviceBuffer`] (a shared handle, cheap to clone) never sees another tensor's update,
 //! just as cloned host storage would not.
 
+pub(crate) mod attention;
+pub(crate) mod elementwise;
+pub mod emulated;
+pub(crate) mod gemm;
 mod latent;
+mod launch;
+mod memory;
+pub(crate) mod norm;
 pub(crate) use latent::latent_update;
+pub(crate) use memory::Emulated;
+
+/// Where an op on `t` runs its kernel: the GPU holding `t`, the host emulation (a host tensor
+/// inside [`emulated::run`]), or nowhere (a host tensor: the CPU backend).
+pub(crate) enum Target<'a> {
+    Gpu(&'a Arc<CudaDevice>),
+    Emulated,
+}
+
+pub(crate) fn target(t: &Tensor) -> Option<Target<'_>> {
+    match t.cuda_device() {
+        Some(dev) => Some(Target::Gpu(dev)),
+        None if emulated::active() => Some(Target::Emulated),
+        None => None,
+    }
+}
+
+/// In an op, after its checks: when `$t` has a kernel target, return `$call` run there, with `$m`
+/// bound to that target's [`memory::Memory`]; otherwise fall through to the CPU code.
+macro_rules! kernel_dispatch {
+    ($t:expr, $m:ident => $call:expr) => {
+        match $crate::cuda::target($t) {
+            Some($crate::cuda::Target::Gpu($m)) => return $call,
+            Some($crate::cuda::Target::Emulated) => {
+                let $m = &$crate::cuda::Emulated;
+                return $call;
+            }
+            None => {}
+        }
+    };
+}
+pub(crate) use kernel_dispatch;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -20,6 +59,7 @@ use half::{bf16, f16};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::tensor::HostData;
+use crate::Tensor;
 
 // `KERNELS`: (module name, PTX) for each kernels/*.cu; empty when built without nvcc.
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
@@ -44,7 +84,7 @@ pub struct DeviceBuffer {
 }
 
 #[derive(Debug)]
-enum DeviceData {
+pub(crate) enum DeviceData {
     F32(CudaSlice<f32>),
     BF16(CudaSlice<bf16>),
     F16(CudaSlice<f16>),
@@ -119,6 +159,13 @@ impl CudaDevice {
         })
     }
 
+    /// Waits for every op queued on the device.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(driver_err("synchronizing the GPU"))
+    }
+
     /// The GPU's index, as `CudaDevice::new` took it.
     pub fn ordinal(&self) -> usize {
         self.stream.context().ordinal()
@@ -136,6 +183,11 @@ impl CudaDevice {
 }
 
 impl DeviceBuffer {
+    /// The GPU holding the data.
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+
     pub fn dtype(&self) -> DType {
         match &*self.data {
             DeviceData::F32(_) => DType::F32,
@@ -153,30 +205,5 @@ impl DeviceBuffer {
             DeviceData::BF16(s) => HostData::BF16(stream.clone_dtoh(s).map_err(err)?),
             DeviceData::F16(s) => HostData::F16(stream.clone_dtoh(s).map_err(err)?),
         })
-    }
-
-    /// The f32 data, or an error naming `op` for another dtype.
-    fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>> {
-        match &*self.data {
-            DeviceData::F32(s) => Ok(s),
-            _ => Err(Error::DType {
-                op,
-                got: self.dtype(),
-                expected: "f32",
-            }),
-        }
-    }
-
-    /// Error unless `self` and `other` live on the same device.
-    fn same_device(&self, op: &'static str, other: &DeviceBuffer) -> Result<()> {
-        // Handles opened separately on one GPU share its primary context, so compare ordinals.
-        if self.device.ordinal() == other.device.ordinal() {
-            Ok(())
-        } else {
-            Err(Error::Device {
-                op,
-                msg: "operands live on different CUDA devices".into(),
-            })
-        }
     }
 }

@@ -97,6 +97,7 @@ const CHUNK: usize = 1 << 14;
 
 pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     const OP: &str = "activation";
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::activation(m, x, act));
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
         let mut y = vec![T::ZERO; xv.len()];
@@ -138,6 +139,7 @@ fn geglu_half(op: &'static str, x: &Tensor) -> Result<usize> {
 pub fn geglu(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "geglu";
     let d = geglu_half(OP, x)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::geglu(m, x, d));
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = d;
     float_dispatch!(OP, x.dtype(), T => {

@@ -47,16 +47,16 @@ pub struct AttentionGrads {
 const ROWS: usize = 128;
 
 #[derive(Clone, Copy)]
-struct Dims {
-    b: usize,
-    h: usize,
-    lq: usize,
-    lk: usize,
-    d: usize,
-    dv: usize,
+pub(crate) struct Dims {
+    pub b: usize,
+    pub h: usize,
+    pub lq: usize,
+    pub lk: usize,
+    pub d: usize,
+    pub dv: usize,
 }
 
-fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
+pub(crate) fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
     expect_rank(op, "q", q, 4)?;
     expect_rank(op, "k", k, 4)?;
     expect_rank(op, "v", v, 4)?;
@@ -81,7 +81,7 @@ fn dims(op: &'static str, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Dims> {
     })
 }
 
-fn check_capture(op: &'static str, c: &Capture, lk: usize) -> Result<()> {
+pub(crate) fn check_capture(op: &'static str, c: &Capture, lk: usize) -> Result<()> {
     let cols = c.softmax_cols.clone().unwrap_or(0..lk);
     if cols.end > lk || cols.is_empty() {
         return Err(Error::Invalid(format!(
@@ -142,7 +142,8 @@ fn map_probs<T: Float>(c: &Capture, s: &[T], p: &[T], buf: &mut Vec<T>) -> Range
     }
 }
 
-/// softmax(q k^T * scale) v, with optional capture.
+/// softmax(q k^T * scale) v, with optional capture. Host tensors (f32, f64) run on the CPU;
+/// bf16 tensors on a CUDA device run the fused kernel (kernels/attention.cu), whose maps are f32.
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -150,6 +151,7 @@ pub fn attention(
     scale: f64,
     capture: Option<&Capture>,
 ) -> Result<AttentionOutput> {
+    crate::cuda::kernel_dispatch!(q, m => crate::cuda::attention::attention(m, q, k, v, scale, capture));
     attention_impl(q, k, v, scale, capture, false)
 }
 
@@ -253,6 +255,7 @@ fn attention_impl(
 
 /// Gradients of `sum(out * dout) + sum(maps * dmaps)` with respect to q (and k, v when
 /// `kv_grads`). `capture` pairs the forward's capture with the maps' gradient (B, words, H, Lq).
+/// On a CUDA device: bf16 q, k, v, dout and f32 dmaps (see [`attention`]).
 pub fn attention_backward(
     q: &Tensor,
     k: &Tensor,
@@ -262,6 +265,9 @@ pub fn attention_backward(
     capture: Option<(&Capture, &Tensor)>,
     kv_grads: bool,
 ) -> Result<AttentionGrads> {
+    crate::cuda::kernel_dispatch!(q, m => crate::cuda::attention::attention_backward(
+        m, q, k, v, scale, dout, capture, kv_grads,
+    ));
     attention_backward_impl(q, k, v, scale, dout, capture, kv_grads, false)
 }
 

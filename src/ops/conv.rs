@@ -303,6 +303,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
             ));
         }
     }
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::gemm::conv2d(m, x, w, b, p));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, wv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?);
         let plane = g.ho * g.wo;

@@ -11,11 +11,12 @@ use crate::{Error, Float, Result, Tensor};
 
 const CHUNK: usize = 1 << 14;
 
+/// The discriminants are kernels/elementwise.cu's op codes.
 #[derive(Clone, Copy)]
-enum BinOp {
-    Add,
-    Sub,
-    Mul,
+pub(crate) enum BinOp {
+    Add = 0,
+    Sub = 1,
+    Mul = 2,
 }
 
 impl BinOp {
@@ -30,6 +31,7 @@ impl BinOp {
 
 fn zip_map(op: &'static str, a: &Tensor, b: &Tensor, f: BinOp) -> Result<Tensor> {
     same_shape(op, a, b)?;
+    crate::cuda::kernel_dispatch!(a, m => crate::cuda::elementwise::binary(m, op, a, b, f));
     float_dispatch!(op, a.dtype(), T => {
         let (av, bv) = (a.slice::<T>(op)?, b.slice::<T>(op)?);
         let mut out = vec![T::ZERO; av.len()];
@@ -61,6 +63,7 @@ pub fn mul_backward(a: &Tensor, b: &Tensor, dy: &Tensor) -> Result<(Tensor, Tens
 /// `s * x`.
 pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
     const OP: &str = "scale";
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::scale(m, x, s));
     float_dispatch!(OP, x.dtype(), T => {
         let v: Vec<T> = x.slice::<T>(OP)?.iter().map(|&e| e * T::of(s)).collect();
         Tensor::from_vec(v, x.shape())
@@ -71,6 +74,7 @@ pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
 pub fn add_channels(x: &Tensor, v: &Tensor) -> Result<Tensor> {
     const OP: &str = "add_channels";
     let inner = channel_inner(OP, x, v)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::add_channels(m, x, v, inner));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, vv) = (x.slice::<T>(OP)?, v.slice::<T>(OP)?);
         let mut out = xv.to_vec();

@@ -9,7 +9,8 @@ const OP: &str = "latent_update";
 
 /// `z <- z - lr * g`. Returns `false`, leaving `z` untouched, when `g` holds a NaN or infinity;
 /// `true` when `z` was updated. Host tensors (f32, f64) run on the CPU; when both live on a CUDA
-/// device (f32) the update runs there (kernels/latent.cu), bit-identical to the CPU's result.
+/// device (f32) the update runs there (kernels/latent.cu), bit-identical to the CPU's result
+/// (and under [`crate::cuda::emulated::run`], through that kernel's host emulation).
 pub fn latent_update(z: &mut Tensor, g: &Tensor, lr: f64) -> Result<bool> {
     same_shape(OP, z, g)?;
     if !lr.is_finite() {
@@ -17,21 +18,27 @@ pub fn latent_update(z: &mut Tensor, g: &Tensor, lr: f64) -> Result<bool> {
             "{OP}: the step size must be finite, got {lr}"
         )));
     }
+    // The kernel writes a new buffer; z adopts it only when g was finite.
+    let on_kernel = match crate::cuda::target(z) {
+        Some(crate::cuda::Target::Gpu(dev)) if !g.is_host() => {
+            Some(crate::cuda::latent_update(&dev.clone(), z, g, lr as f32)?)
+        }
+        Some(crate::cuda::Target::Emulated) if g.is_host() => Some(crate::cuda::latent_update(
+            &crate::cuda::Emulated,
+            z,
+            g,
+            lr as f32,
+        )?),
+        _ => None,
+    };
+    if let Some(result) = on_kernel {
+        return Ok(result.map(|updated| *z = updated).is_some());
+    }
     match (z.storage(), g.storage()) {
         (Storage::Host(_), Storage::Host(_)) => float_dispatch!(OP, z.dtype(), T => {
             let g = g.slice::<T>(OP)?;
             Ok(update(z.slice_mut::<T>(OP)?, g, T::of(lr)))
         }),
-        (Storage::Cuda(zd), Storage::Cuda(gd)) => {
-            // The kernel writes a new buffer; z adopts it only when g was finite.
-            match crate::cuda::latent_update(zd, gd, lr as f32)? {
-                Some(updated) => {
-                    *z = Tensor::from_storage(Storage::Cuda(updated), z.shape());
-                    Ok(true)
-                }
-                None => Ok(false),
-            }
-        }
         _ => Err(Error::Device {
             op: OP,
             msg: format!(

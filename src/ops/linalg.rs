@@ -247,6 +247,7 @@ pub fn matmul_backward(a: &Tensor, b: &Tensor, dc: &Tensor) -> Result<(Tensor, T
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     const OP: &str = "linear";
     let (rows, inf, outf) = linear_dims(OP, x, w, b)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::gemm::linear(m, x, w, b));
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = outf;
     float_dispatch!(OP, x.dtype(), T => {

@@ -8,14 +8,14 @@
 //! silently: a mismatch is an error naming the op and the shapes.
 
 mod activation;
-mod attention;
+pub(crate) mod attention;
 mod conv;
-mod elementwise;
+pub(crate) mod elementwise;
 mod embedding;
 mod latent;
 mod linalg;
 mod loss;
-mod norm;
+pub(crate) mod norm;
 mod pad;
 mod resize;
 mod shape;

@@ -8,17 +8,18 @@ use super::{float_dispatch, same_dtype, same_shape};
 use crate::{Error, Float, Result, Tensor};
 
 /// The structure of one normalisation, independent of dtype.
+/// The CUDA kernel (kernels/norm.cu) takes the same description.
 #[derive(Clone, Copy)]
-struct Rows {
+pub(crate) struct Rows {
     /// Elements per row.
-    n: usize,
+    pub n: usize,
     /// Consecutive elements sharing one affine parameter (spatial size for group norm, else 1).
-    per: usize,
+    pub per: usize,
     /// Rows cycle through this many parameter blocks (the groups of group norm, else 1).
-    blocks: usize,
+    pub blocks: usize,
     /// Subtract the mean (layer and group norm) or not (RMS norm).
-    center: bool,
-    eps: f64,
+    pub center: bool,
+    pub eps: f64,
 }
 
 impl Rows {
@@ -210,6 +211,7 @@ pub fn group_norm(
     let rows = group_rows(OP, x, groups, eps)?;
     check_param(OP, "gamma", x, gamma, x.shape()[1])?;
     check_param(OP, "beta", x, beta, x.shape()[1])?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::norm::norm(m, OP, x, &rows, gamma, beta));
     run_forward(OP, rows, x, gamma, beta)
 }
 
@@ -240,6 +242,7 @@ pub fn layer_norm(
     let rows = last_dim_rows(OP, x, true, eps)?;
     check_param(OP, "gamma", x, gamma, rows.n)?;
     check_param(OP, "beta", x, beta, rows.n)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::norm::norm(m, OP, x, &rows, gamma, beta));
     run_forward(OP, rows, x, gamma, beta)
 }
 
@@ -262,6 +265,7 @@ pub fn rms_norm(x: &Tensor, weight: Option<&Tensor>, eps: f64) -> Result<Tensor>
     const OP: &str = "rms_norm";
     let rows = last_dim_rows(OP, x, false, eps)?;
     check_param(OP, "weight", x, weight, rows.n)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::norm::norm(m, OP, x, &rows, weight, None));
     run_forward(OP, rows, x, weight, None)
 }
 

@@ -32,6 +32,7 @@ pub(super) fn with_hw(shape: &[usize], h: usize, w: usize) -> Vec<usize> {
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "upsample_nearest2x";
     let (_, h, w) = planes(OP, x)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::upsample_nearest2x(m, x));
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
         let mut y = vec![T::ZERO; xv.len() * 4];

@@ -1,8 +1,10 @@
-//! steer-bench: steer's CPU speed next to PyTorch's on the same machine.
+//! steer-bench: steer's speed next to PyTorch's on the same machine.
 //!
 //! - `steer-bench ops`: fp32 GEMM and 3x3 convolution at SD2.1 UNet sizes (ops.rs);
 //! - `steer-bench unet`: the full-size SD2.1 UNet, forward and forward + backward to the latent
-//!   with map capture (unet.rs).
+//!   with map capture (unet.rs);
+//! - `steer-bench attention`: the fused attention kernel on a GPU, against PyTorch on the same GPU
+//!   (attention.rs).
 //!
 //! Each runs its PyTorch side with an embedded script from tests/reference/ (fed to Python on
 //! stdin, so the binary works from any directory) and prints both with the ratio of our time to
@@ -16,6 +18,7 @@
 //! Without a Python that imports torch (or with `--no-torch`) they print our figures alone and
 //! say why the baseline is missing.
 
+mod attention;
 mod common;
 mod ops;
 mod unet;
@@ -26,7 +29,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "steer-bench",
     version,
-    about = "steer's CPU speed next to PyTorch's on the same machine"
+    about = "steer's speed next to PyTorch's on the same machine"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -40,6 +43,9 @@ enum Cmd {
     /// Full-size SD2.1 UNet (fp32, batch 1, 64x64 latent): forward, and forward + backward to the
     /// latent with map capture, ours (CPU) next to PyTorch CPU on the same weights and inputs.
     Unet(unet::UnetArgs),
+    /// The fused attention kernel with map capture on a GPU (bf16, SD2.1 and FLUX sizes), next to
+    /// PyTorch's SDPA and explicit-softmax attention on the same GPU.
+    Attention(attention::AttentionArgs),
 }
 
 fn main() {
@@ -47,6 +53,7 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Ops(args) => ops::run(args),
         Cmd::Unet(args) => unet::run(args),
+        Cmd::Attention(args) => attention::run(args),
     };
     if let Err(e) = result {
         eprintln!("steer-bench: {e}");

@@ -10,7 +10,10 @@ use steer::models::clip_text::CLIPTextModel;
 use steer::models::unet::UNet2DConditionModel;
 use steer::safetensors_io::{self, SafetensorsFile};
 use steer::steering::unet_maps::unet_with_maps;
+use steer::weights::Placement;
 use steer::{DType, Error, Result, Tensor};
+
+use crate::device::{cpu_only, Device};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Component {
@@ -46,6 +49,10 @@ pub struct ForwardArgs {
     /// last_hidden_state, pooler_output; vae-decoder: decoded; vae-encoder: encoded_mean.
     #[arg(long)]
     pub out: PathBuf,
+    /// cpu (f32), or cuda / cuda:N (bf16 weights and activations on that GPU; the UNet forward
+    /// without capture so far). Outputs are written as f32 either way.
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 /// The component's folder: `model/<component>` or `model` itself when it holds a config.json.
@@ -88,8 +95,12 @@ fn indices(file: &SafetensorsFile, name: &str) -> Result<Vec<usize>> {
 pub fn run(args: &ForwardArgs) -> Result<()> {
     let dir = component_dir(&args.model, args.component)?;
     let inputs = SafetensorsFile::open(&args.inputs)?;
+    if args.device != Device::Cpu && !matches!(args.component, Component::Unet) {
+        return Err(cpu_only("this component"));
+    }
+    let placement = args.device.placement()?;
     let outputs = match args.component {
-        Component::Unet => unet(&dir, &inputs)?,
+        Component::Unet => unet(&dir, &inputs, &placement)?,
         Component::TextEncoder => {
             let model = CLIPTextModel::from_dir(&dir)?;
             let ids = inputs.tensor("input_ids")?;
@@ -114,6 +125,10 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
             )]
         }
     };
+    let outputs: Vec<(String, Tensor)> = outputs
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_host()?.to_dtype(DType::F32)?)))
+        .collect::<Result<_>>()?;
     let named: Vec<(&str, &Tensor)> = outputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let meta = HashMap::from([("component".to_string(), args.component.folder().to_string())]);
     safetensors_io::save(&args.out, &named, Some(meta))?;
@@ -123,10 +138,14 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     Ok(())
 }
 
-fn unet(dir: &Path, inputs: &SafetensorsFile) -> Result<Vec<(String, Tensor)>> {
-    let unet = UNet2DConditionModel::from_dir(dir)?;
-    let sample = input(inputs, "sample")?;
-    let context = input(inputs, "encoder_hidden_states")?;
+fn unet(
+    dir: &Path,
+    inputs: &SafetensorsFile,
+    placement: &Placement,
+) -> Result<Vec<(String, Tensor)>> {
+    let unet = UNet2DConditionModel::from_dir_placed(dir, placement.clone())?;
+    let sample = placement.place(&input(inputs, "sample")?)?;
+    let context = placement.place(&input(inputs, "encoder_hidden_states")?)?;
     let ts = input(inputs, "timestep")?.to_vec::<f64>()?;
     let Some(&t) = ts.first() else {
         return Err(Error::format(inputs.path(), "`timestep` is empty"));
@@ -140,6 +159,9 @@ fn unet(dir: &Path, inputs: &SafetensorsFile) -> Result<Vec<(String, Tensor)>> {
     if !(inputs.contains("capture_tokens_0") && inputs.contains("capture_tokens_1")) {
         let out = unet.forward(&sample, t, &context, None, false)?.out;
         return Ok(vec![("out".into(), out)]);
+    }
+    if placement.device.is_some() {
+        return Err(cpu_only("the UNet with map capture (capture_tokens_*)"));
     }
     let words = vec![
         indices(inputs, "capture_tokens_0")?,

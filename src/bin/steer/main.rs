@@ -2,6 +2,7 @@
 
 mod classify;
 mod collect;
+mod device;
 mod eval;
 mod forward;
 mod generate;

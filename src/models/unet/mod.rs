@@ -17,7 +17,7 @@ use transformer::TransformerSaved;
 use super::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::ops::{self, Activation, Capture, Conv2dParams};
-use crate::weights::{read_config, Weights, WeightsView};
+use crate::weights::{read_config, Placement, Weights, WeightsView};
 use crate::{DType, Error, Result, Tensor};
 
 const SAME: Conv2dParams = Conv2dParams {
@@ -145,9 +145,14 @@ fn load_layer(
 impl UNet2DConditionModel {
     /// Load from a diffusers `unet/` folder (config.json + diffusion_pytorch_model*.safetensors).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_dir_placed(dir, Placement::default())
+    }
+
+    /// The model with its weights in `placement` (e.g. bf16 on a GPU: `Placement::cuda`).
+    pub fn from_dir_placed(dir: impl AsRef<Path>, placement: Placement) -> Result<Self> {
         let dir = dir.as_ref();
         let config: UNetConfig = read_config(&dir.join("config.json"), "UNet")?;
-        let weights = Weights::from_dir(dir, "diffusion_pytorch_model")?;
+        let weights = Weights::from_dir(dir, "diffusion_pytorch_model")?.placed(placement);
         Self::load(config, &weights)
     }
 
@@ -330,6 +335,8 @@ impl UNet2DConditionModel {
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
         )?;
+        // The sinusoid is computed on the host in f32; the layers take it where their weights are.
+        let e = e.to_like(&self.time_linear_1.weight)?;
         let h = ops::activation(&self.time_linear_1.forward(&e)?, Activation::Silu)?;
         self.time_linear_2.forward(&h)
     }

@@ -1,0 +1,567 @@
+// attention.cu: fused scaled-dot-product attention with map capture, forward and backward.
+//
+// What it computes (one (batch, head) pair bh per gridDim.y, tensors (B*H, L, D) row-major, bf16):
+//   S = scale Q K^T, P = softmax_rows(S), O = P V, lse_i = log sum_j exp S_ij       (forward)
+//   maps[b, w, h, i] = mean over word w's key columns j of Pm_ij                      (capture)
+// where Pm is the map softmax: P itself when the map columns [c0, c1) are all keys (SD2.1), or a
+// softmax of the same logits over [c0, c1) only (FLUX's text columns), kept as a second running
+// log-sum-exp lse_map. Nothing of size Lq x Lk is ever written.
+// The backward takes dO and the maps' gradient G (B, W, H, Lq) and returns dQ, dK, dV of
+// sum(O dO) + sum(maps G). The maps' gradient enters as an extra term of dS on the map columns:
+//   dS_ij = P_ij (dP_ij - D_i) + [c0 <= j < c1] Pm_ij (Gc_ij - Dm_i),   dP = dO V^T,
+//   D_i = rowsum(dO_i O_i),  Gc_ij = sum over words w holding column j of G_wi / |w|,
+//   Dm_i = sum_j Pm_ij Gc_ij = sum_w G_wi maps_wi,
+// then dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO (the derivation is in ops/attention.rs's
+// CPU reference, which this file is tested against).
+//
+// Design (FlashAttention-2 style, on mma.m16n8k16 bf16 tensor cores with f32 accumulation):
+// - attention_forward: a block of 4 warps owns 64 query rows (16 a warp) and streams the keys in
+//   tiles of 32 through shared memory. Each warp computes its 16x32 score tile with mma, keeps
+//   the running row max and sum in registers (online softmax in the log2 domain, quad shuffles
+//   for the row reductions), writes P as bf16 to its own rows of shared memory and accumulates
+//   O += P V with mma. Capture costs one more running max/sum over the map columns, then after the
+//   last tile a direct dot product q_i . k_j for each captured column (a handful of columns: far
+//   cheaper than keeping score tiles), exp'd against the final lse_map.
+// - attention_backward_prep: D_i, Dm_i and Gc (B*H, Lq, ncap) from O, dO, maps and G, one thread
+//   a row.
+// - attention_backward_dq: per 64 query rows, streams key tiles; recomputes S and P from lse,
+//   dP = dO V^T with mma, dS in registers, dS to shared memory, dQ += dS K with mma.
+// - attention_backward_dkdv: per 64 keys, streams query tiles of 32; S^T = K Q^T and dP^T = V dO^T
+//   with mma, P^T and dS^T to shared memory, dV += P^T dO and dK += dS^T Q with mma. Two kernels
+//   (dQ by query block, dK/dV by key block) instead of atomics: every output has one writer.
+// Head dims up to 128 (multiples of 8; padded with zeros to 16 in shared memory). Shared-memory
+// rows are 8 bf16 longer than the padded head dim, which puts the 8 rows a fragment load touches
+// in different banks.
+//
+// Launch: 128 threads; forward and dq grid (ceil(Lq/64), B*H), dkdv grid (ceil(Lk/64), B*H),
+// prep grid (ceil(Lq/128), B*H). Dynamic shared memory sized by the head dim; at D = 128: forward
+// 39 KiB, dq 56 KiB, dkdv 62 KiB (the host opts in above 48 KiB).
+//
+// Cost (forward, B*H heads): 4 B H Lq Lk D FLOPs on the tensor cores (QK^T and PV), plus
+// 2 B H Lq Lk exps; bytes: Q, O once, K, V once per query block: 2 B H (2 Lq D + 2 ceil(Lq/64) Lk D)
+// + 4 B H Lq (lse) + 4 B W H Lq (maps). Backward: 10 B H Lq Lk D FLOPs (S twice, dP twice, dQ,
+// dK, dV), bytes about 3x the forward's.
+// Floors on an H100 SXM (about 800 TFLOP/s bf16 dense measured through cuBLAS here, 3.0 TB/s):
+// SD2.1 self-attention at 64x64 latents with CFG (B 2, H 5, L 4096, D 64): 42.9 GFLOP -> 54 us
+// compute vs 21 MB -> 7 us memory: compute-bound, floor 54 us. Its cross-attention (Lk 77):
+// 0.8 GFLOP -> 1 us vs 10.5 MB (Q and O) -> 3.5 us: memory-bound, floor 3.5 us. mma.sync reaches
+// at most about two thirds of the dense rate on Hopper (wgmma is the rest), so expect >= 80 us.
+#include "common.cuh"
+
+#define ATT_THREADS 128
+#define ATT_BQ 64    // query rows a block owns (16 a warp)
+#define ATT_BK 32    // keys a tile streams
+#define ATT_DMAX 128 // largest head dim
+#define ATT_PAD 8    // extra bf16 per shared row (bank spread)
+
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+__device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u); }
+__device__ __forceinline__ float pos_inf() { return __uint_as_float(0x7f800000u); }
+__device__ __forceinline__ int round16(int x) { return (x + 15) & ~15; }
+
+// rows x cols of a (L, width) bf16 matrix from row `row0`, into shared memory with stride ld,
+// zero beyond the matrix (rows past L, columns past width up to ld).
+__device__ __forceinline__ void load_tile(bf16* dst, int ld, const bf16* src, int row0, int rows,
+                                          int nrows, int width) {
+    for (int idx = threadIdx.x; idx < rows * ld; idx += ATT_THREADS) {
+        const int r = idx / ld, c = idx % ld;
+        dst[idx] = (row0 + r < nrows && c < width) ? src[(size_t)(row0 + r) * width + c] : 0;
+    }
+}
+
+// Two adjacent accumulator elements (one fragment row) stored as bf16 into shared memory.
+__device__ __forceinline__ void store_pair(bf16* s, int ld, int row, int col, float a, float b) {
+    *(u32*)(s + row * ld + col) = pack_bf16(float_to_bf16(a), float_to_bf16(b));
+}
+
+// Consecutive arrays out of the dynamic shared memory; the host sizes it with the same counts
+// (src/cuda/attention.rs, smem_bytes). Every count is even, so each array stays 4-byte aligned.
+__device__ __forceinline__ bf16* take_bf16(char*& p, int n) {
+    bf16* a = (bf16*)p;
+    p += n * sizeof(bf16);
+    return a;
+}
+__device__ __forceinline__ float* take_f32(char*& p, int n) {
+    float* a = (float*)p;
+    p += n * sizeof(float);
+    return a;
+}
+__device__ __forceinline__ int* take_i32(char*& p, int n) {
+    int* a = (int*)p;
+    p += n * sizeof(int);
+    return a;
+}
+
+// The index of `col` among the captured columns, or -1.
+__device__ __forceinline__ int capture_index(const int* cap_cols, int ncap, int col) {
+    for (int c = 0; c < ncap; ++c)
+        if (cap_cols[c] == col) return c;
+    return -1;
+}
+
+STEER_KERNEL void __launch_bounds__(ATT_THREADS)
+    attention_forward(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                      const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
+                      int lq, int lk, int d, int dv, float scale, int heads, int n_words,
+                      const int* __restrict__ word_off, const int* __restrict__ word_pos,
+                      const int* __restrict__ cap_cols, int map_c0, int map_c1,
+                      float* __restrict__ lse_map, float* __restrict__ maps) {
+    const int bh = blockIdx.y, r0 = blockIdx.x * ATT_BQ;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int dp = round16(d), dvp = round16(dv);
+    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldp = ATT_BK + ATT_PAD;
+    STEER_DYNAMIC_SHARED(smem);
+    char* carve = smem;
+    bf16* qs = take_bf16(carve, ATT_BQ * ldq);
+    bf16* ks = take_bf16(carve, ATT_BK * ldq);
+    bf16* vs = take_bf16(carve, ATT_BK * ldv);
+    bf16* ps = take_bf16(carve, ATT_BQ * ldp);
+    const bool capture = n_words > 0;
+    const float scale_log2 = scale * LOG2E;
+    q += (size_t)bh * lq * d;
+    k += (size_t)bh * lk * d;
+    v += (size_t)bh * lk * dv;
+
+    load_tile(qs, ldq, q, r0, ATT_BQ, lq, d);
+
+    // Per fragment row r (rows g and g + 8 of the warp's 16): running max (log2 domain) and this
+    // lane's share of the running sum, for the softmax and for the map softmax.
+    float m[2] = {neg_inf(), neg_inf()}, l_part[2] = {0.f, 0.f};
+    float mm[2] = {neg_inf(), neg_inf()}, lm_part[2] = {0.f, 0.f};
+    float acc_o[ATT_DMAX / 8][4];
+#pragma unroll
+    for (int j = 0; j < ATT_DMAX / 8; ++j)
+        for (int i = 0; i < 4; ++i) acc_o[j][i] = 0.f;
+
+    for (int k0 = 0; k0 < lk; k0 += ATT_BK) {
+        __syncthreads();  // the last tile's K, V and P are no longer read
+        load_tile(ks, ldq, k, k0, ATT_BK, lk, d);
+        load_tile(vs, ldv, v, k0, ATT_BK, lk, dv);
+        __syncthreads();
+
+        float s[ATT_BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < ATT_BK / 8; ++j)
+            for (int i = 0; i < 4; ++i) s[j][i] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
+            if (kk * 16 >= dp) break;
+            u32 a[4];
+            load_a(a, qs + warp * 16 * ldq + kk * 16, ldq);
+#pragma unroll
+            for (int j = 0; j < ATT_BK / 8; ++j) {
+                u32 b[2];
+                load_b_nk(b, ks + j * 8 * ldq + kk * 16, ldq);
+                mma_bf16_16816(s[j], a, b, s[j]);
+            }
+        }
+
+        float rmax[2] = {neg_inf(), neg_inf()}, rmax_m[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+        for (int j = 0; j < ATT_BK / 8; ++j)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int col = k0 + j * 8 + 2 * t + (i & 1);
+                const float x = col < lk ? s[j][i] * scale_log2 : neg_inf();
+                s[j][i] = x;
+                rmax[i >> 1] = fmaxf(rmax[i >> 1], x);
+                if (col >= map_c0 && col < map_c1) rmax_m[i >> 1] = fmaxf(rmax_m[i >> 1], x);
+            }
+        float corr[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            // Every tile holds a valid key, so the new max is finite and exp2(-inf) = 0 starts
+            // the sum.
+            const float m_new = fmaxf(m[r], quad_max(rmax[r]));
+            corr[r] = exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l_part[r] *= corr[r];
+            if (capture) {
+                const float mm_new = fmaxf(mm[r], quad_max(rmax_m[r]));
+                if (mm_new != neg_inf()) {
+                    lm_part[r] *= exp2f(mm[r] - mm_new);
+                    mm[r] = mm_new;
+                }
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < ATT_BK / 8; ++j) {
+            float p[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int col = k0 + j * 8 + 2 * t + (i & 1);
+                p[i] = exp2f(s[j][i] - m[i >> 1]);
+                l_part[i >> 1] += p[i];
+                if (capture && col >= map_c0 && col < map_c1)
+                    lm_part[i >> 1] += exp2f(s[j][i] - mm[i >> 1]);
+            }
+            store_pair(ps, ldp, warp * 16 + g, j * 8 + 2 * t, p[0], p[1]);
+            store_pair(ps, ldp, warp * 16 + g + 8, j * 8 + 2 * t, p[2], p[3]);
+        }
+#pragma unroll
+        for (int j = 0; j < ATT_DMAX / 8; ++j)
+            for (int i = 0; i < 4; ++i) acc_o[j][i] *= corr[i >> 1];
+        __syncwarp();  // this warp's P rows are written
+#pragma unroll
+        for (int kk = 0; kk < ATT_BK / 16; ++kk) {
+            u32 a[4];
+            load_a(a, ps + warp * 16 * ldp + kk * 16, ldp);
+#pragma unroll
+            for (int j = 0; j < ATT_DMAX / 8; ++j) {
+                if (j * 8 >= dvp) break;
+                u32 b[2];
+                load_b_kn(b, vs + kk * 16 * ldv + j * 8, ldv);
+                mma_bf16_16816(acc_o[j], a, b, acc_o[j]);
+            }
+        }
+    }
+
+    const int b_idx = bh / heads, h_idx = bh % heads;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row_local = warp * 16 + g + 8 * r, row = r0 + row_local;
+        const float l = quad_sum(l_part[r]);
+        const float inv = 1.f / l;
+        if (row < lq) {
+#pragma unroll
+            for (int j = 0; j < ATT_DMAX / 8; ++j) {
+                const int col = j * 8 + 2 * t;
+                if (col < dv) o[((size_t)bh * lq + row) * dv + col] = float_to_bf16(acc_o[j][2 * r] * inv);
+                if (col + 1 < dv)
+                    o[((size_t)bh * lq + row) * dv + col + 1] = float_to_bf16(acc_o[j][2 * r + 1] * inv);
+            }
+            if (t == 0) lse[(size_t)bh * lq + row] = (m[r] + log2f(l)) * LN2;
+        }
+        if (!capture) continue;
+        const float lsem2 = mm[r] + log2f(quad_sum(lm_part[r]));
+        if (row < lq && t == 0) lse_map[(size_t)bh * lq + row] = lsem2 * LN2;
+        // The captured maps: each lane of the quad takes every 4th element of the dot product.
+        const bf16* qrow = qs + row_local * ldq;
+        for (int w = 0; w < n_words; ++w) {
+            float sum = 0.f;
+            for (int p = word_off[w]; p < word_off[w + 1]; ++p) {
+                const bf16* kcol = k + (size_t)cap_cols[word_pos[p]] * d;
+                float dot = 0.f;
+                for (int c = t; c < d; c += 4) dot += bf16_to_float(qrow[c]) * bf16_to_float(kcol[c]);
+                sum += exp2f(quad_sum(dot) * scale_log2 - lsem2);
+            }
+            if (row < lq && t == 0)
+                maps[(((size_t)b_idx * n_words + w) * heads + h_idx) * lq + row] =
+                    sum / (float)(word_off[w + 1] - word_off[w]);
+        }
+    }
+}
+STEER_EMU_EXPORT(attention_forward)
+
+STEER_KERNEL void __launch_bounds__(ATT_THREADS)
+    attention_backward_prep(const bf16* __restrict__ o, const bf16* __restrict__ dout, int lq,
+                            int dv, int heads, int n_words, const int* __restrict__ word_off,
+                            const int* __restrict__ word_pos, int ncap,
+                            const float* __restrict__ maps, const float* __restrict__ dmaps,
+                            float* __restrict__ delta, float* __restrict__ delta_map,
+                            float* __restrict__ gcap) {
+    const int bh = blockIdx.y, row = blockIdx.x * ATT_THREADS + threadIdx.x;
+    if (row >= lq) return;
+    const size_t at = (size_t)bh * lq + row;
+    float dsum = 0.f;
+    for (int c = 0; c < dv; ++c) dsum += bf16_to_float(o[at * dv + c]) * bf16_to_float(dout[at * dv + c]);
+    delta[at] = dsum;
+    if (n_words == 0) return;
+    const int b_idx = bh / heads, h_idx = bh % heads;
+    float* gc = gcap + at * ncap;
+    for (int c = 0; c < ncap; ++c) gc[c] = 0.f;
+    float dm = 0.f;
+    for (int w = 0; w < n_words; ++w) {
+        const size_t mi = (((size_t)b_idx * n_words + w) * heads + h_idx) * lq + row;
+        const float gw = dmaps[mi];
+        dm += gw * maps[mi];
+        const float share = gw / (float)(word_off[w + 1] - word_off[w]);
+        for (int p = word_off[w]; p < word_off[w + 1]; ++p) gc[word_pos[p]] += share;
+    }
+    delta_map[at] = dm;
+}
+STEER_EMU_EXPORT(attention_backward_prep)
+
+STEER_KERNEL void __launch_bounds__(ATT_THREADS)
+    attention_backward_dq(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                          const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                          const float* __restrict__ lse, const float* __restrict__ lse_map,
+                          const float* __restrict__ delta, const float* __restrict__ delta_map,
+                          const float* __restrict__ gcap, const int* __restrict__ cap_cols,
+                          int ncap, int map_c0, int map_c1, int lq, int lk, int d, int dv,
+                          float scale, bf16* __restrict__ dq) {
+    const int bh = blockIdx.y, r0 = blockIdx.x * ATT_BQ;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int dp = round16(d), dvp = round16(dv);
+    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldp = ATT_BK + ATT_PAD;
+    STEER_DYNAMIC_SHARED(smem);
+    char* carve = smem;
+    int* colcap = take_i32(carve, ATT_BK);
+    bf16* qs = take_bf16(carve, ATT_BQ * ldq);
+    bf16* dos = take_bf16(carve, ATT_BQ * ldv);
+    bf16* ks = take_bf16(carve, ATT_BK * ldq);
+    bf16* vs = take_bf16(carve, ATT_BK * ldv);
+    bf16* dss = take_bf16(carve, ATT_BQ * ldp);
+    const bool capture = ncap > 0;
+    const float scale_log2 = scale * LOG2E;
+    q += (size_t)bh * lq * d;
+    k += (size_t)bh * lk * d;
+    v += (size_t)bh * lk * dv;
+    dout += (size_t)bh * lq * dv;
+
+    load_tile(qs, ldq, q, r0, ATT_BQ, lq, d);
+    load_tile(dos, ldv, dout, r0, ATT_BQ, lq, dv);
+
+    // Row statistics of this lane's two fragment rows.
+    float lse2[2], lsem2[2], dl[2], dml[2];
+    int row[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        row[r] = r0 + warp * 16 + g + 8 * r;
+        const bool in = row[r] < lq;
+        const size_t at = (size_t)bh * lq + row[r];
+        lse2[r] = in ? lse[at] * LOG2E : pos_inf();
+        lsem2[r] = in && capture ? lse_map[at] * LOG2E : pos_inf();
+        dl[r] = in ? delta[at] : 0.f;
+        dml[r] = in && capture ? delta_map[at] : 0.f;
+    }
+    float acc_dq[ATT_DMAX / 8][4];
+#pragma unroll
+    for (int j = 0; j < ATT_DMAX / 8; ++j)
+        for (int i = 0; i < 4; ++i) acc_dq[j][i] = 0.f;
+
+    for (int k0 = 0; k0 < lk; k0 += ATT_BK) {
+        __syncthreads();
+        load_tile(ks, ldq, k, k0, ATT_BK, lk, d);
+        load_tile(vs, ldv, v, k0, ATT_BK, lk, dv);
+        if (threadIdx.x < ATT_BK) colcap[threadIdx.x] = capture_index(cap_cols, ncap, k0 + threadIdx.x);
+        __syncthreads();
+
+        float s[ATT_BK / 8][4], dpv[ATT_BK / 8][4];
+#pragma unroll
+        for (int j = 0; j < ATT_BK / 8; ++j)
+            for (int i = 0; i < 4; ++i) s[j][i] = dpv[j][i] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
+            if (kk * 16 >= dp) break;
+            u32 a[4];
+            load_a(a, qs + warp * 16 * ldq + kk * 16, ldq);
+#pragma unroll
+            for (int j = 0; j < ATT_BK / 8; ++j) {
+                u32 b[2];
+                load_b_nk(b, ks + j * 8 * ldq + kk * 16, ldq);
+                mma_bf16_16816(s[j], a, b, s[j]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
+            if (kk * 16 >= dvp) break;
+            u32 a[4];
+            load_a(a, dos + warp * 16 * ldv + kk * 16, ldv);
+#pragma unroll
+            for (int j = 0; j < ATT_BK / 8; ++j) {
+                u32 b[2];
+                load_b_nk(b, vs + j * 8 * ldv + kk * 16, ldv);
+                mma_bf16_16816(dpv[j], a, b, dpv[j]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < ATT_BK / 8; ++j) {
+            float ds[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1, jl = j * 8 + 2 * t + (i & 1), col = k0 + jl;
+                const float x = s[j][i] * scale_log2;
+                const float p = col < lk ? exp2f(x - lse2[r]) : 0.f;
+                ds[i] = p * (dpv[j][i] - dl[r]);
+                if (capture && col >= map_c0 && col < map_c1 && col < lk) {
+                    const int c = colcap[jl];
+                    const float gv = (c >= 0 && row[r] < lq) ? gcap[((size_t)bh * lq + row[r]) * ncap + c] : 0.f;
+                    ds[i] += exp2f(x - lsem2[r]) * (gv - dml[r]);
+                }
+            }
+            store_pair(dss, ldp, warp * 16 + g, j * 8 + 2 * t, ds[0], ds[1]);
+            store_pair(dss, ldp, warp * 16 + g + 8, j * 8 + 2 * t, ds[2], ds[3]);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int kk = 0; kk < ATT_BK / 16; ++kk) {
+            u32 a[4];
+            load_a(a, dss + warp * 16 * ldp + kk * 16, ldp);
+#pragma unroll
+            for (int j = 0; j < ATT_DMAX / 8; ++j) {
+                if (j * 8 >= dp) break;
+                u32 b[2];
+                load_b_kn(b, ks + kk * 16 * ldq + j * 8, ldq);
+                mma_bf16_16816(acc_dq[j], a, b, acc_dq[j]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (row[r] >= lq) continue;
+        bf16* out = dq + ((size_t)bh * lq + row[r]) * d;
+#pragma unroll
+        for (int j = 0; j < ATT_DMAX / 8; ++j) {
+            const int col = j * 8 + 2 * t;
+            if (col < d) out[col] = float_to_bf16(acc_dq[j][2 * r] * scale);
+            if (col + 1 < d) out[col + 1] = float_to_bf16(acc_dq[j][2 * r + 1] * scale);
+        }
+    }
+}
+STEER_EMU_EXPORT(attention_backward_dq)
+
+#define ATT_BKB 64  // keys a dK/dV block owns (16 a warp)
+#define ATT_BQB 32  // query rows a dK/dV tile streams
+
+STEER_KERNEL void __launch_bounds__(ATT_THREADS)
+    attention_backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k,
+                            const bf16* __restrict__ v, const bf16* __restrict__ dout,
+                            const float* __restrict__ lse, const float* __restrict__ lse_map,
+                            const float* __restrict__ delta, const float* __restrict__ delta_map,
+                            const float* __restrict__ gcap, const int* __restrict__ cap_cols,
+                            int ncap, int map_c0, int map_c1, int lq, int lk, int d, int dv,
+                            float scale, bf16* __restrict__ dk, bf16* __restrict__ dvout) {
+    const int bh = blockIdx.y, kb0 = blockIdx.x * ATT_BKB;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int dp = round16(d), dvp = round16(dv);
+    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldp = ATT_BQB + ATT_PAD;
+    STEER_DYNAMIC_SHARED(smem);
+    char* carve = smem;
+    float* lse2s = take_f32(carve, ATT_BQB);
+    float* lsem2s = take_f32(carve, ATT_BQB);
+    float* dls = take_f32(carve, ATT_BQB);
+    float* dmls = take_f32(carve, ATT_BQB);
+    bf16* ks = take_bf16(carve, ATT_BKB * ldq);
+    bf16* vs = take_bf16(carve, ATT_BKB * ldv);
+    bf16* qs = take_bf16(carve, ATT_BQB * ldq);
+    bf16* dos = take_bf16(carve, ATT_BQB * ldv);
+    bf16* pts = take_bf16(carve, ATT_BKB * ldp);
+    bf16* dsts = take_bf16(carve, ATT_BKB * ldp);
+    const bool capture = ncap > 0;
+    const float scale_log2 = scale * LOG2E;
+    q += (size_t)bh * lq * d;
+    k += (size_t)bh * lk * d;
+    v += (size_t)bh * lk * dv;
+    dout += (size_t)bh * lq * dv;
+
+    load_tile(ks, ldq, k, kb0, ATT_BKB, lk, d);
+    load_tile(vs, ldv, v, kb0, ATT_BKB, lk, dv);
+    // This lane's two keys (fragment rows): their captured-column index and map membership.
+    int key[2], cidx[2];
+    bool in_map[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        key[r] = kb0 + warp * 16 + g + 8 * r;
+        cidx[r] = capture ? capture_index(cap_cols, ncap, key[r]) : -1;
+        in_map[r] = capture && key[r] >= map_c0 && key[r] < map_c1 && key[r] < lk;
+    }
+    float acc_dk[ATT_DMAX / 8][4], acc_dv[ATT_DMAX / 8][4];
+#pragma unroll
+    for (int j = 0; j < ATT_DMAX / 8; ++j)
+        for (int i = 0; i < 4; ++i) acc_dk[j][i] = acc_dv[j][i] = 0.f;
+
+    for (int q0 = 0; q0 < lq; q0 += ATT_BQB) {
+        __syncthreads();
+        load_tile(qs, ldq, q, q0, ATT_BQB, lq, d);
+        load_tile(dos, ldv, dout, q0, ATT_BQB, lq, dv);
+        if (threadIdx.x < ATT_BQB) {
+            const int qi = q0 + threadIdx.x;
+            const bool in = qi < lq;
+            const size_t at = (size_t)bh * lq + qi;
+            // +inf makes exp2(x - lse) zero for the padding rows.
+            lse2s[threadIdx.x] = in ? lse[at] * LOG2E : pos_inf();
+            lsem2s[threadIdx.x] = in && capture ? lse_map[at] * LOG2E : pos_inf();
+            dls[threadIdx.x] = in ? delta[at] : 0.f;
+            dmls[threadIdx.x] = in && capture ? delta_map[at] : 0.f;
+        }
+        __syncthreads();
+
+        float st[ATT_BQB / 8][4], dpt[ATT_BQB / 8][4];
+#pragma unroll
+        for (int j = 0; j < ATT_BQB / 8; ++j)
+            for (int i = 0; i < 4; ++i) st[j][i] = dpt[j][i] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
+            if (kk * 16 >= dp) break;
+            u32 a[4];
+            load_a(a, ks + warp * 16 * ldq + kk * 16, ldq);
+#pragma unroll
+            for (int j = 0; j < ATT_BQB / 8; ++j) {
+                u32 b[2];
+                load_b_nk(b, qs + j * 8 * ldq + kk * 16, ldq);
+                mma_bf16_16816(st[j], a, b, st[j]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
+            if (kk * 16 >= dvp) break;
+            u32 a[4];
+            load_a(a, vs + warp * 16 * ldv + kk * 16, ldv);
+#pragma unroll
+            for (int j = 0; j < ATT_BQB / 8; ++j) {
+                u32 b[2];
+                load_b_nk(b, dos + j * 8 * ldv + kk * 16, ldv);
+                mma_bf16_16816(dpt[j], a, b, dpt[j]);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < ATT_BQB / 8; ++j) {
+            float p[4], ds[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int r = i >> 1, ql = j * 8 + 2 * t + (i & 1);
+                const float x = st[j][i] * scale_log2;
+                p[i] = exp2f(x - lse2s[ql]);
+                ds[i] = p[i] * (dpt[j][i] - dls[ql]);
+                if (in_map[r] && q0 + ql < lq) {
+                    const float gv = cidx[r] >= 0 ? gcap[((size_t)bh * lq + q0 + ql) * ncap + cidx[r]] : 0.f;
+                    ds[i] += exp2f(x - lsem2s[ql]) * (gv - dmls[ql]);
+                }
+            }
+            store_pair(pts, ldp, warp * 16 + g, j * 8 + 2 * t, p[0], p[1]);
+            store_pair(pts, ldp, warp * 16 + g + 8, j * 8 + 2 * t, p[2], p[3]);
+            store_pair(dsts, ldp, warp * 16 + g, j * 8 + 2 * t, ds[0], ds[1]);
+            store_pair(dsts, ldp, warp * 16 + g + 8, j * 8 + 2 * t, ds[2], ds[3]);
+        }
+        __syncwarp();
+#pragma unroll
+        for (int kk = 0; kk < ATT_BQB / 16; ++kk) {
+            u32 a[4];
+            load_a(a, pts + warp * 16 * ldp + kk * 16, ldp);
+#pragma unroll
+            for (int j = 0; j < ATT_DMAX / 8; ++j) {
+                if (j * 8 >= dvp) break;
+                u32 b[2];
+                load_b_kn(b, dos + kk * 16 * ldv + j * 8, ldv);
+                mma_bf16_16816(acc_dv[j], a, b, acc_dv[j]);
+            }
+            load_a(a, dsts + warp * 16 * ldp + kk * 16, ldp);
+#pragma unroll
+            for (int j = 0; j < ATT_DMAX / 8; ++j) {
+                if (j * 8 >= dp) break;
+                u32 b[2];
+                load_b_kn(b, qs + kk * 16 * ldq + j * 8, ldq);
+                mma_bf16_16816(acc_dk[j], a, b, acc_dk[j]);
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (key[r] >= lk) continue;
+        const size_t at = (size_t)bh * lk + key[r];
+#pragma unroll
+        for (int j = 0; j < ATT_DMAX / 8; ++j) {
+            const int col = j * 8 + 2 * t;
+            if (col < d) dk[at * d + col] = float_to_bf16(acc_dk[j][2 * r] * scale);
+            if (col + 1 < d) dk[at * d + col + 1] = float_to_bf16(acc_dk[j][2 * r + 1] * scale);
+            if (col < dv) dvout[at * dv + col] = float_to_bf16(acc_dv[j][2 * r]);
+            if (col + 1 < dv) dvout[at * dv + col + 1] = float_to_bf16(acc_dv[j][2 * r + 1]);
+        }
+    }
+}
+STEER_EMU_EXPORT(attention_backward_dkdv)

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The device check: every CUDA test with the GPU required, `steer forward --device cuda` on the
+# tiny SD2.1 fixture, and the attention benchmark, on a GPU machine that has no Rust toolchain.
+# Two halves:
+#
+#   scripts/device-check.sh build   # here, with Rust and nvcc: builds into device-check/
+#   scripts/device-check.sh run     # there, from the repo root, with device-check/ copied along
+#
+# `build` compiles tests/cuda.rs with STEER_REQUIRE_GPU=1 (its GPU tests then fail instead of
+# being ignored when no GPU answers), steer and steer-bench, strips them and puts them in
+# device-check/ (git-ignored; about 20 MB). `run` runs the tests one at a time, the CLI forward
+# (its output compared with diffusers' by the machine's Python), then `steer-bench attention`
+# against the machine's PyTorch, and prints a table of all three. Logs and the benchmark's JSON go to
+# $OUT when it is set (the device tool's output folder), else to device-check/out/.
+# It exits non-zero when a test fails. The whole run takes well under a minute on an H100.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=device-check
+
+case "${1:-}" in
+build)
+    : "${NVCC:=$(realpath "${STEER_NVCC_CACHE:-$HOME/.cache/steer-nvcc}/nvidia/cu13/bin/nvcc")}"
+    export NVCC STEER_REQUIRE_GPU=1
+    mkdir -p "$dir"
+    # The test executable's path is in cargo's JSON messages.
+    exe=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "cuda":
+        print(m["executable"])')
+    [[ -n $exe ]] || { echo "device-check: building tests/cuda.rs failed" >&2; exit 1; }
+    cargo build --release --bin steer-bench --bin steer
+    strip -o "$dir/cuda-tests" "$exe"
+    strip -o "$dir/steer-bench" target/release/steer-bench
+    strip -o "$dir/steer" target/release/steer
+    ls -la "$dir"
+    ;;
+run)
+    out=${OUT:-$dir/out}
+    mkdir -p "$out"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+    status=0
+    # One test at a time: their timings and any device fault stay attributable.
+    "$dir/cuda-tests" --test-threads=1 --nocapture 2>&1 | tee "$out/cuda-tests.log" || status=1
+    # The CLI on the tiny SD2.1 UNet, against diffusers' f32 output (tolerance as in
+    # tests/kernel_cases: 5e-2 for bf16).
+    python3 - "$out" <<'PY' 2>&1 | tee "$out/cli-forward.log" || status=1
+import subprocess, sys
+import torch
+from safetensors.torch import load_file, save_file
+out = sys.argv[1]
+ref = load_file("tests/fixtures/tiny-sd21-reference.safetensors")
+save_file({k: ref["unet." + k] for k in ("sample", "timestep", "encoder_hidden_states")},
+          f"{out}/unet-in.safetensors")
+subprocess.run(["device-check/steer", "forward", "--model", "tests/fixtures/tiny-sd21",
+                "--component", "unet", "--inputs", f"{out}/unet-in.safetensors",
+                "--out", f"{out}/unet-out.safetensors", "--device", "cuda"], check=True)
+got, want = load_file(f"{out}/unet-out.safetensors")["out"], ref["unet.out"].float()
+err = ((got - want).abs().max() / want.abs().max()).item()
+print(f"steer forward --device cuda, tiny SD2.1 UNet: rel error {err:.2e} vs diffusers f32")
+sys.exit(0 if err < 5e-2 else 1)
+PY
+    "$dir/steer-bench" attention --python python3 --json "$out/bench-attention.json" 2>&1 |
+        tee "$out/bench-attention.log" || status=1
+    echo
+    echo "== device check: tests"
+    grep -E '^test .* \.\.\. ' "$out/cuda-tests.log" | sed -E 's/^test //' | awk '{printf "%-55s %s\n", $1, $3}'
+    grep -E '^test result:' "$out/cuda-tests.log" || true
+    echo "== device check: CLI"
+    grep -E 'rel error|Error|error' "$out/cli-forward.log" || true
+    echo "== device check: attention benchmark"
+    sed -n '/^steer-bench attention/,$p' "$out/bench-attention.log"
+    exit $status
+    ;;
+*)
+    echo "usage: scripts/device-check.sh build|run" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,338 @@
+//! Host side of kernels/attention.cu: the capture tables, launch plans and buffers of the fused
+//! attention forward and backward, written once for any [`Memory`] (the GPU or the emulation).
+//! Same contract as the CPU reference in `ops::attention`: q, k, v (B, H, L, D), here in bf16;
+//! maps (B, words, H, Lq) in f32. The backward recomputes the forward for O, the log-sum-exps and
+//! the maps (`ops::attention_backward` takes no saved state), which costs one forward.
+
+use half::bf16;
+
+use super::launch::{Arg, KernelCall};
+use super::memory::Memory;
+use crate::error::{Error, Result};
+use crate::ops::attention::{check_capture, dims, AttentionGrads, AttentionOutput, Capture, Dims};
+use crate::Tensor;
+
+const MODULE: &str = "attention";
+// Tile sizes: must match ATT_* in kernels/attention.cu.
+const THREADS: u32 = 128;
+const BQ: usize = 64;
+const BK: usize = 32;
+const BKB: usize = 64;
+const BQB: usize = 32;
+const PAD: usize = 8;
+const DMAX: usize = 128;
+
+/// The capture as the kernels read it: the distinct captured columns, and for each word the
+/// positions of its columns in that list (CSR: `word_off[w]..word_off[w + 1]` into `word_pos`).
+struct Tables<M: Memory> {
+    n_words: i32,
+    ncap: i32,
+    map_cols: (i32, i32),
+    word_off: M::Buf<i32>,
+    word_pos: M::Buf<i32>,
+    cap_cols: M::Buf<i32>,
+}
+
+impl<M: Memory> Tables<M> {
+    fn new(m: &M, capture: Option<&Capture>, lk: usize) -> Result<Self> {
+        let Some(c) = capture else {
+            return Ok(Tables {
+                n_words: 0,
+                ncap: 0,
+                map_cols: (0, 0),
+                word_off: m.zeros(1)?,
+                word_pos: m.zeros(1)?,
+                cap_cols: m.zeros(1)?,
+            });
+        };
+        let mut cols: Vec<i32> = c.words.iter().flatten().map(|&j| j as i32).collect();
+        cols.sort_unstable();
+        cols.dedup();
+        let mut word_off = vec![0i32];
+        let mut word_pos = Vec::new();
+        for word in &c.words {
+            word_pos.extend(word.iter().map(|&j| {
+                cols.binary_search(&(j as i32))
+                    .expect("every word's column is in the list") as i32
+            }));
+            word_off.push(word_pos.len() as i32);
+        }
+        let range = c.softmax_cols.clone().unwrap_or(0..lk);
+        Ok(Tables {
+            n_words: c.words.len() as i32,
+            ncap: cols.len() as i32,
+            map_cols: (range.start as i32, range.end as i32),
+            word_off: m.upload(&word_off)?,
+            word_pos: m.upload(&word_pos)?,
+            cap_cols: m.upload(&cols)?,
+        })
+    }
+}
+
+/// What the forward leaves for the backward (and returns).
+struct Forward<M: Memory> {
+    out: M::Buf<bf16>,
+    lse: M::Buf<f32>,
+    lse_map: M::Buf<f32>,
+    maps: M::Buf<f32>,
+}
+
+fn round16(x: usize) -> usize {
+    x.div_ceil(16) * 16
+}
+
+/// Checks what the kernels support beyond the CPU op's own checks.
+fn check(
+    op: &'static str,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    capture: Option<&Capture>,
+) -> Result<Dims> {
+    let dm = dims(op, q, k, v)?;
+    if let Some(c) = capture {
+        check_capture(op, c, dm.lk)?;
+    }
+    if dm.d > DMAX || dm.dv > DMAX {
+        return Err(Error::shape(
+            op,
+            format!(
+                "head dims {} and {}: the fused kernel takes at most {DMAX}",
+                dm.d, dm.dv
+            ),
+        ));
+    }
+    if dm.b * dm.h * dm.lq * dm.lk * dm.d * dm.dv == 0 {
+        return Err(Error::shape(op, "an empty dimension".to_string()));
+    }
+    if dm.b * dm.h > 65535 {
+        return Err(Error::shape(
+            op,
+            format!("{} (batch, head) pairs: at most 65535", dm.b * dm.h),
+        ));
+    }
+    Ok(dm)
+}
+
+fn grid(rows: usize, per_block: usize, dm: &Dims) -> [u32; 3] {
+    [rows.div_ceil(per_block) as u32, (dm.b * dm.h) as u32, 1]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward<M: Memory>(
+    m: &M,
+    q: u64,
+    k: u64,
+    v: u64,
+    dm: &Dims,
+    scale: f64,
+    t: &Tables<M>,
+) -> Result<Forward<M>> {
+    let rows = dm.b * dm.h * dm.lq;
+    let mut f = Forward {
+        out: m.zeros(rows * dm.dv)?,
+        lse: m.zeros(rows)?,
+        lse_map: m.zeros(if t.n_words > 0 { rows } else { 1 })?,
+        maps: m.zeros(t.n_words as usize * rows)?,
+    };
+    let (ldq, ldv, ldp) = (round16(dm.d) + PAD, round16(dm.dv) + PAD, BK + PAD);
+    let smem = 2 * (BQ * ldq + BK * ldq + BK * ldv + BQ * ldp);
+    let call = KernelCall {
+        module: MODULE,
+        name: "attention_forward",
+        grid: grid(dm.lq, BQ, dm),
+        block: [THREADS, 1, 1],
+        smem: smem as u32,
+        args: vec![
+            Arg::Ptr(q),
+            Arg::Ptr(k),
+            Arg::Ptr(v),
+            Arg::Ptr(m.addr_mut(&mut f.out)),
+            Arg::Ptr(m.addr_mut(&mut f.lse)),
+            Arg::I32(dm.lq as i32),
+            Arg::I32(dm.lk as i32),
+            Arg::I32(dm.d as i32),
+            Arg::I32(dm.dv as i32),
+            Arg::F32(scale as f32),
+            Arg::I32(dm.h as i32),
+            Arg::I32(t.n_words),
+            Arg::Ptr(m.addr(&t.word_off)),
+            Arg::Ptr(m.addr(&t.word_pos)),
+            Arg::Ptr(m.addr(&t.cap_cols)),
+            Arg::I32(t.map_cols.0),
+            Arg::I32(t.map_cols.1),
+            Arg::Ptr(m.addr_mut(&mut f.lse_map)),
+            Arg::Ptr(m.addr_mut(&mut f.maps)),
+        ],
+    };
+    m.launch(&call)?;
+    Ok(f)
+}
+
+/// softmax(q k^T * scale) v with optional capture, on `m`: `ops::attention`'s contract with bf16
+/// q, k, v (and output) and f32 maps.
+pub(crate) fn attention<M: Memory>(
+    m: &M,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    capture: Option<&Capture>,
+) -> Result<AttentionOutput> {
+    const OP: &str = "attention (CUDA kernel)";
+    let dm = check(OP, q, k, v, capture)?;
+    let t = Tables::new(m, capture, dm.lk)?;
+    let (qa, ka, va) = (
+        m.tensor_addr::<bf16>(OP, q)?,
+        m.tensor_addr::<bf16>(OP, k)?,
+        m.tensor_addr::<bf16>(OP, v)?,
+    );
+    let f = forward(m, qa, ka, va, &dm, scale, &t)?;
+    let maps = match capture {
+        Some(c) => Some(m.tensor(f.maps, &[dm.b, c.words.len(), dm.h, dm.lq])?),
+        None => None,
+    };
+    Ok(AttentionOutput {
+        out: m.tensor(f.out, &[dm.b, dm.h, dm.lq, dm.dv])?,
+        maps,
+    })
+}
+
+/// Gradients of `sum(out * dout) + sum(maps * dmaps)`: `ops::attention_backward`'s contract with
+/// bf16 q, k, v, dout (and gradients) and f32 dmaps.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward<M: Memory>(
+    m: &M,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    dout: &Tensor,
+    capture: Option<(&Capture, &Tensor)>,
+    kv_grads: bool,
+) -> Result<AttentionGrads> {
+    const OP: &str = "attention_backward (CUDA kernel)";
+    let dm = check(OP, q, k, v, capture.map(|(c, _)| c))?;
+    let oshape = [dm.b, dm.h, dm.lq, dm.dv];
+    if dout.shape() != oshape {
+        return Err(Error::shape(
+            OP,
+            format!("dout {:?}, expected {oshape:?}", dout.shape()),
+        ));
+    }
+    let dmaps = match capture {
+        Some((c, g)) => {
+            let mshape = [dm.b, c.words.len(), dm.h, dm.lq];
+            if g.shape() != mshape {
+                return Err(Error::shape(
+                    OP,
+                    format!("dmaps {:?}, expected {mshape:?}", g.shape()),
+                ));
+            }
+            m.tensor_addr::<f32>(OP, g)?
+        }
+        None => 0,
+    };
+    let t = Tables::new(m, capture.map(|(c, _)| c), dm.lk)?;
+    let (qa, ka, va) = (
+        m.tensor_addr::<bf16>(OP, q)?,
+        m.tensor_addr::<bf16>(OP, k)?,
+        m.tensor_addr::<bf16>(OP, v)?,
+    );
+    let doa = m.tensor_addr::<bf16>(OP, dout)?;
+    let f = forward(m, qa, ka, va, &dm, scale, &t)?;
+
+    let rows = dm.b * dm.h * dm.lq;
+    let capture_rows = if t.n_words > 0 { rows } else { 1 };
+    let mut delta = m.zeros::<f32>(rows)?;
+    let mut delta_map = m.zeros::<f32>(capture_rows)?;
+    let mut gcap = m.zeros::<f32>(capture_rows * t.ncap.max(1) as usize)?;
+    m.launch(&KernelCall {
+        module: MODULE,
+        name: "attention_backward_prep",
+        grid: grid(dm.lq, THREADS as usize, &dm),
+        block: [THREADS, 1, 1],
+        smem: 0,
+        args: vec![
+            Arg::Ptr(m.addr(&f.out)),
+            Arg::Ptr(doa),
+            Arg::I32(dm.lq as i32),
+            Arg::I32(dm.dv as i32),
+            Arg::I32(dm.h as i32),
+            Arg::I32(t.n_words),
+            Arg::Ptr(m.addr(&t.word_off)),
+            Arg::Ptr(m.addr(&t.word_pos)),
+            Arg::I32(t.ncap),
+            Arg::Ptr(m.addr(&f.maps)),
+            Arg::Ptr(dmaps),
+            Arg::Ptr(m.addr_mut(&mut delta)),
+            Arg::Ptr(m.addr_mut(&mut delta_map)),
+            Arg::Ptr(m.addr_mut(&mut gcap)),
+        ],
+    })?;
+
+    // The arguments dq and dk/dv share, in the kernels' order, before their outputs.
+    let common = [
+        Arg::Ptr(qa),
+        Arg::Ptr(ka),
+        Arg::Ptr(va),
+        Arg::Ptr(doa),
+        Arg::Ptr(m.addr(&f.lse)),
+        Arg::Ptr(m.addr(&f.lse_map)),
+        Arg::Ptr(m.addr(&delta)),
+        Arg::Ptr(m.addr(&delta_map)),
+        Arg::Ptr(m.addr(&gcap)),
+        Arg::Ptr(m.addr(&t.cap_cols)),
+        Arg::I32(t.ncap),
+        Arg::I32(t.map_cols.0),
+        Arg::I32(t.map_cols.1),
+        Arg::I32(dm.lq as i32),
+        Arg::I32(dm.lk as i32),
+        Arg::I32(dm.d as i32),
+        Arg::I32(dm.dv as i32),
+        Arg::F32(scale as f32),
+    ];
+    let (ldq, ldv) = (round16(dm.d) + PAD, round16(dm.dv) + PAD);
+
+    let mut dq = m.zeros::<bf16>(rows * dm.d)?;
+    let mut args = common.to_vec();
+    args.push(Arg::Ptr(m.addr_mut(&mut dq)));
+    m.launch(&KernelCall {
+        module: MODULE,
+        name: "attention_backward_dq",
+        grid: grid(dm.lq, BQ, &dm),
+        block: [THREADS, 1, 1],
+        smem: (4 * BK + 2 * (BQ * ldq + BQ * ldv + BK * ldq + BK * ldv + BQ * (BK + PAD))) as u32,
+        args,
+    })?;
+
+    let (dk, dv) = if kv_grads {
+        let krows = dm.b * dm.h * dm.lk;
+        let mut dk = m.zeros::<bf16>(krows * dm.d)?;
+        let mut dv = m.zeros::<bf16>(krows * dm.dv)?;
+        let mut args = common.to_vec();
+        args.push(Arg::Ptr(m.addr_mut(&mut dk)));
+        args.push(Arg::Ptr(m.addr_mut(&mut dv)));
+        m.launch(&KernelCall {
+            module: MODULE,
+            name: "attention_backward_dkdv",
+            grid: grid(dm.lk, BKB, &dm),
+            block: [THREADS, 1, 1],
+            smem: (4 * 4 * BQB
+                + 2 * (BKB * ldq + BKB * ldv + BQB * ldq + BQB * ldv + 2 * BKB * (BQB + PAD)))
+                as u32,
+            args,
+        })?;
+        (
+            Some(m.tensor(dk, k.shape())?),
+            Some(m.tensor(dv, v.shape())?),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(AttentionGrads {
+        dq: m.tensor(dq, q.shape())?,
+        dk,
+        dv,
+    })
+}

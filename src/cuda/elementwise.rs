@@ -1,0 +1,281 @@
+//! Host side of kernels/elementwise.cu, for any [`Memory`]: bf16 in, bf16 out. Shapes are
+//! checked by the `ops` functions that dispatch here.
+
+use half::bf16;
+
+use super::launch::{grid_1d, Arg, KernelCall, Strides6, BLOCK_1D};
+use super::memory::Memory;
+use crate::error::{Error, Result};
+use crate::ops::elementwise::BinOp;
+use crate::ops::Activation;
+use crate::Tensor;
+
+const MODULE: &str = "elementwise";
+
+/// A 1-D grid-stride launch of `name` writing a fresh bf16 tensor of `shape`; `args` follow the
+/// output pointer.
+fn pointwise<M: Memory>(
+    m: &M,
+    name: &'static str,
+    shape: &[usize],
+    args: impl FnOnce(&M) -> Result<Vec<Arg>>,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut out = m.zeros::<bf16>(n)?;
+    let mut all = vec![Arg::Ptr(m.addr_mut(&mut out))];
+    all.extend(args(m)?);
+    if n > 0 {
+        m.launch(&KernelCall {
+            module: MODULE,
+            name,
+            grid: grid_1d(n),
+            block: [BLOCK_1D, 1, 1],
+            smem: 0,
+            args: all,
+        })?;
+    }
+    m.tensor(out, shape)
+}
+
+pub(crate) fn binary<M: Memory>(
+    m: &M,
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    kind: BinOp,
+) -> Result<Tensor> {
+    let (aa, ba) = (m.tensor_addr::<bf16>(op, a)?, m.tensor_addr::<bf16>(op, b)?);
+    pointwise(m, "ew_binary", a.shape(), |_| {
+        Ok(vec![
+            Arg::Ptr(aa),
+            Arg::Ptr(ba),
+            Arg::U64(a.numel() as u64),
+            Arg::I32(kind as i32),
+        ])
+    })
+}
+
+pub(crate) fn scale<M: Memory>(m: &M, x: &Tensor, s: f64) -> Result<Tensor> {
+    let xa = m.tensor_addr::<bf16>("scale", x)?;
+    pointwise(m, "ew_scale", x.shape(), |_| {
+        Ok(vec![
+            Arg::Ptr(xa),
+            Arg::F32(s as f32),
+            Arg::U64(x.numel() as u64),
+        ])
+    })
+}
+
+pub(crate) fn activation<M: Memory>(m: &M, x: &Tensor, act: Activation) -> Result<Tensor> {
+    let code = match act {
+        Activation::Silu => 0,
+        Activation::Gelu => 1,
+        other => {
+            return Err(Error::Invalid(format!(
+                "activation: {other:?} has no CUDA kernel yet (silu and gelu do)"
+            )))
+        }
+    };
+    let xa = m.tensor_addr::<bf16>("activation", x)?;
+    pointwise(m, "ew_activation", x.shape(), |_| {
+        Ok(vec![
+            Arg::Ptr(xa),
+            Arg::U64(x.numel() as u64),
+            Arg::I32(code),
+        ])
+    })
+}
+
+/// `x`: (..., 2d) -> (..., d).
+pub(crate) fn geglu<M: Memory>(m: &M, x: &Tensor, d: usize) -> Result<Tensor> {
+    let xa = m.tensor_addr::<bf16>("geglu", x)?;
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = d;
+    pointwise(m, "geglu", &shape, |_| {
+        Ok(vec![
+            Arg::Ptr(xa),
+            Arg::U64((x.numel() / 2) as u64),
+            Arg::I32(d as i32),
+        ])
+    })
+}
+
+/// `x` (B, C, inner...) + `v` (B, C).
+pub(crate) fn add_channels<M: Memory>(
+    m: &M,
+    x: &Tensor,
+    v: &Tensor,
+    inner: usize,
+) -> Result<Tensor> {
+    let (xa, va) = (
+        m.tensor_addr::<bf16>("add_channels", x)?,
+        m.tensor_addr::<bf16>("add_channels", v)?,
+    );
+    pointwise(m, "add_channels", x.shape(), |_| {
+        Ok(vec![
+            Arg::Ptr(xa),
+            Arg::Ptr(va),
+            Arg::U64(x.numel() as u64),
+            Arg::U64(inner.max(1) as u64),
+        ])
+    })
+}
+
+/// Nearest 2x of the trailing (H, W) planes.
+pub(crate) fn upsample_nearest2x<M: Memory>(m: &M, x: &Tensor) -> Result<Tensor> {
+    let xa = m.tensor_addr::<bf16>("upsample_nearest2x", x)?;
+    let r = x.rank();
+    let (h, w) = (x.shape()[r - 2], x.shape()[r - 1]);
+    let mut shape = x.shape().to_vec();
+    shape[r - 2] *= 2;
+    shape[r - 1] *= 2;
+    pointwise(m, "upsample2x", &shape, |_| {
+        Ok(vec![
+            Arg::Ptr(xa),
+            Arg::U64((x.numel() * 4) as u64),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+        ])
+    })
+}
+
+/// Row-major strides of `shape`.
+fn contiguous(shape: &[usize]) -> Vec<usize> {
+    let mut s = vec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// `shape` with its destination and source strides, right-aligned into the kernel's rank 6.
+fn strides6(op: &'static str, shape: &[usize], dst: &[usize], src: &[usize]) -> Result<Strides6> {
+    let r = shape.len();
+    if r > 6 {
+        return Err(Error::shape(
+            op,
+            format!("rank {r}: the CUDA copy takes at most 6"),
+        ));
+    }
+    let mut s = Strides6 {
+        shape: [1; 6],
+        ..Default::default()
+    };
+    for i in 0..r {
+        s.shape[6 - r + i] = shape[i] as i64;
+        s.dst[6 - r + i] = dst[i] as i64;
+        s.src[6 - r + i] = src[i] as i64;
+    }
+    Ok(s)
+}
+
+/// Copies the elements of `shape` from `src` (element strides `src_strides`) to `dst`
+/// (`dst_strides`); addresses are in bytes.
+fn copy<M: Memory>(
+    m: &M,
+    op: &'static str,
+    dst: u64,
+    dst_strides: &[usize],
+    src: u64,
+    src_strides: &[usize],
+    shape: &[usize],
+) -> Result<()> {
+    let n: usize = shape.iter().product();
+    if n == 0 {
+        return Ok(());
+    }
+    m.launch(&KernelCall {
+        module: MODULE,
+        name: "copy_strided",
+        grid: grid_1d(n),
+        block: [BLOCK_1D, 1, 1],
+        smem: 0,
+        args: vec![
+            Arg::Ptr(dst),
+            Arg::Ptr(src),
+            Arg::U64(n as u64),
+            Arg::Strides(strides6(op, shape, dst_strides, src_strides)?),
+        ],
+    })
+}
+
+const BF16_BYTES: u64 = 2;
+
+/// `ops::permute` (the permutation already checked).
+pub(crate) fn permute<M: Memory>(m: &M, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    let xa = m.tensor_addr::<bf16>("permute", x)?;
+    let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
+    let in_strides = contiguous(x.shape());
+    let src: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
+    let mut out = m.zeros::<bf16>(x.numel())?;
+    copy(
+        m,
+        "permute",
+        m.addr_mut(&mut out),
+        &contiguous(&shape),
+        xa,
+        &src,
+        &shape,
+    )?;
+    m.tensor(out, &shape)
+}
+
+/// `ops::concat` (shapes already checked) into `shape`.
+pub(crate) fn concat<M: Memory>(
+    m: &M,
+    xs: &[&Tensor],
+    axis: usize,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let mut out = m.zeros::<bf16>(shape.iter().product())?;
+    let base = m.addr_mut(&mut out);
+    let dst = contiguous(shape);
+    let mut start = 0;
+    for x in xs {
+        let xa = m.tensor_addr::<bf16>("concat", x)?;
+        let offset = (start * dst[axis]) as u64 * BF16_BYTES;
+        copy(
+            m,
+            "concat",
+            base + offset,
+            &dst,
+            xa,
+            &contiguous(x.shape()),
+            x.shape(),
+        )?;
+        start += x.shape()[axis];
+    }
+    m.tensor(out, shape)
+}
+
+/// `ops::split` (sizes already checked).
+pub(crate) fn split<M: Memory>(
+    m: &M,
+    x: &Tensor,
+    axis: usize,
+    sizes: &[usize],
+) -> Result<Vec<Tensor>> {
+    let xa = m.tensor_addr::<bf16>("split", x)?;
+    let src = contiguous(x.shape());
+    let mut start = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let mut shape = x.shape().to_vec();
+            shape[axis] = n;
+            let mut out = m.zeros::<bf16>(shape.iter().product())?;
+            let offset = (start * src[axis]) as u64 * BF16_BYTES;
+            copy(
+                m,
+                "split",
+                m.addr_mut(&mut out),
+                &contiguous(&shape),
+                xa + offset,
+                &src,
+                &shape,
+            )?;
+            start += n;
+            m.tensor(out, &shape)
+        })
+        .collect()
+}
