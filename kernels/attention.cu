@@ -15,27 +15,30 @@
 // CPU reference, which this file is tested against).
 //
 // Design (FlashAttention-2 style, on mma.m16n8k16 bf16 tensor cores with f32 accumulation):
-// - attention_forward: a block of 4 warps owns 64 query rows (16 a warp) and streams the keys in
-//   tiles of 32 through shared memory. Each warp computes its 16x32 score tile with mma, keeps
-//   the running row max and sum in registers (online softmax in the log2 domain, quad shuffles
-//   for the row reductions), writes P as bf16 to its own rows of shared memory and accumulates
-//   O += P V with mma. Capture costs one more running max/sum over the map columns, then after the
-//   last tile a direct dot product q_i . k_j for each captured column (a handful of columns: far
-//   cheaper than keeping score tiles), exp'd against the final lse_map.
+// - attention_forward: a block of 4 warps owns 64 query rows (16 a warp, their Q fragments held
+//   in registers) and streams the keys in tiles of 64 through shared memory (K as rows, V
+//   transposed, so that every mma operand is a 32-bit shared load). Each warp computes its 16x64
+//   score tile with mma, keeps the running row max and sum in registers (online softmax in the
+//   log2 domain, quad shuffles for the row reductions) and accumulates O += P V with P taken
+//   straight from the score accumulators (an m16n8 accumulator pair is an m16k16 A fragment), so
+//   P never touches shared memory. Capture costs one more running max/sum over the map columns,
+//   then after the last tile a direct dot product q_i . k_j for each captured column (a handful
+//   of columns: far cheaper than keeping score tiles), exp'd against the final lse_map.
 // - attention_backward_prep: D_i, Dm_i and Gc (B*H, Lq, ncap) from O, dO, maps and G, one thread
 //   a row.
-// - attention_backward_dq: per 64 query rows, streams key tiles; recomputes S and P from lse,
-//   dP = dO V^T with mma, dS in registers, dS to shared memory, dQ += dS K with mma.
+// - attention_backward_dq: per 64 query rows, streams key tiles of 32; recomputes S and P from
+//   lse, dP = dO V^T with mma, dS in registers, dQ += dS K with dS as the A fragment.
 // - attention_backward_dkdv: per 64 keys, streams query tiles of 32; S^T = K Q^T and dP^T = V dO^T
-//   with mma, P^T and dS^T to shared memory, dV += P^T dO and dK += dS^T Q with mma. Two kernels
-//   (dQ by query block, dK/dV by key block) instead of atomics: every output has one writer.
-// Head dims up to 128 (multiples of 8; padded with zeros to 16 in shared memory). Shared-memory
-// rows are 8 bf16 longer than the padded head dim, which puts the 8 rows a fragment load touches
-// in different banks.
+//   with mma, dV += P^T dO and dK += dS^T Q with P^T and dS^T as A fragments. Two kernels (dQ by
+//   query block, dK/dV by key block) instead of atomics: every output has one writer.
+// Head dims up to 128 (any; padded with zeros to a multiple of 16 in shared memory; 16-byte
+// loads when a multiple of 8). Shared rows are 8 bf16 longer than needed, which puts the 8 rows a
+// fragment load touches in different banks.
 //
 // Launch: 128 threads; forward and dq grid (ceil(Lq/64), B*H), dkdv grid (ceil(Lk/64), B*H),
-// prep grid (ceil(Lq/128), B*H). Dynamic shared memory sized by the head dim; at D = 128: forward
-// 39 KiB, dq 56 KiB, dkdv 62 KiB (the host opts in above 48 KiB).
+// prep grid (ceil(Lq/128), B*H). Dynamic shared memory sized by the head dim (src/cuda/
+// attention.rs computes the same sizes); at D = 128: forward 52 KiB, dq 69 KiB, dkdv 87 KiB
+// (the host opts in above 48 KiB).
 //
 // Cost (forward, B*H heads): 4 B H Lq Lk D FLOPs on the tensor cores (QK^T and PV), plus
 // 2 B H Lq Lk exps; bytes: Q, O once, K, V once per query block: 2 B H (2 Lq D + 2 ceil(Lq/64) Lk D)
@@ -49,10 +52,13 @@
 #include "common.cuh"
 
 #define ATT_THREADS 128
-#define ATT_BQ 64    // query rows a block owns (16 a warp)
-#define ATT_BK 32    // keys a tile streams
+#define ATT_BQ 64    // query rows a forward or dq block owns (16 a warp)
+#define ATT_BK 64    // keys a forward tile streams
+#define ATT_BKQ 32   // keys a dq tile streams
+#define ATT_BKB 64   // keys a dK/dV block owns (16 a warp)
+#define ATT_BQB 32   // query rows a dK/dV tile streams
 #define ATT_DMAX 128 // largest head dim
-#define ATT_PAD 8    // extra bf16 per shared row (bank spread)
+#define ATT_PAD 8    // extra bf16 per shared row (bank spread; keeps rows 16-byte aligned)
 
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -61,23 +67,41 @@ __device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u)
 __device__ __forceinline__ float pos_inf() { return __uint_as_float(0x7f800000u); }
 __device__ __forceinline__ int round16(int x) { return (x + 15) & ~15; }
 
-// rows x cols of a (L, width) bf16 matrix from row `row0`, into shared memory with stride ld,
-// zero beyond the matrix (rows past L, columns past width up to ld).
+// Rows row0.. of a (nrows, width) bf16 matrix into shared memory: as rows (dst[r * ld + c]) or
+// transposed (dst[c * ld + r]), zero beyond the matrix, `ld_cols` (a multiple of 8) columns.
+// 16-byte global loads when the width allows.
+template <bool TRANSPOSE>
 __device__ __forceinline__ void load_tile(bf16* dst, int ld, const bf16* src, int row0, int rows,
-                                          int nrows, int width) {
-    for (int idx = threadIdx.x; idx < rows * ld; idx += ATT_THREADS) {
-        const int r = idx / ld, c = idx % ld;
-        dst[idx] = (row0 + r < nrows && c < width) ? src[(size_t)(row0 + r) * width + c] : 0;
+                                          int nrows, int width, int ld_cols) {
+    const int vecs = ld_cols / 8;
+    for (int idx = threadIdx.x; idx < rows * vecs; idx += ATT_THREADS) {
+        const int r = idx / vecs, c = (idx % vecs) * 8;
+        const bool row_in = row0 + r < nrows;
+        const bf16* s = src + (size_t)(row0 + r) * width + c;
+        bf16 e[8];
+        if (row_in && (width & 7) == 0 && c < width) {
+            const uint4 v = *(const uint4*)s;
+            e[0] = (bf16)v.x; e[1] = (bf16)(v.x >> 16); e[2] = (bf16)v.y; e[3] = (bf16)(v.y >> 16);
+            e[4] = (bf16)v.z; e[5] = (bf16)(v.z >> 16); e[6] = (bf16)v.w; e[7] = (bf16)(v.w >> 16);
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) e[i] = (row_in && c + i < width) ? s[i] : (bf16)0;
+        }
+        if (TRANSPOSE) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dst[(c + i) * ld + r] = e[i];
+        } else {
+            uint4 v;
+            v.x = pack_bf16(e[0], e[1]); v.y = pack_bf16(e[2], e[3]);
+            v.z = pack_bf16(e[4], e[5]); v.w = pack_bf16(e[6], e[7]);
+            *(uint4*)(dst + r * ld + c) = v;
+        }
     }
 }
 
-// Two adjacent accumulator elements (one fragment row) stored as bf16 into shared memory.
-__device__ __forceinline__ void store_pair(bf16* s, int ld, int row, int col, float a, float b) {
-    *(u32*)(s + row * ld + col) = pack_bf16(float_to_bf16(a), float_to_bf16(b));
-}
-
 // Consecutive arrays out of the dynamic shared memory; the host sizes it with the same counts
-// (src/cuda/attention.rs, smem_bytes). Every count is even, so each array stays 4-byte aligned.
+// (src/cuda/attention.rs). Every count is a multiple of 8 elements (or of 4 for 4-byte types), so
+// each array stays 16-byte aligned.
 __device__ __forceinline__ bf16* take_bf16(char*& p, int n) {
     bf16* a = (bf16*)p;
     p += n * sizeof(bf16);
@@ -101,6 +125,46 @@ __device__ __forceinline__ int capture_index(const int* cap_cols, int ncap, int 
     return -1;
 }
 
+// acc[j] += A B for the first `ncols` / 8 output tiles: A is 16 x kdim as kdim / 16 A fragments
+// in registers, B(k, col) = bt[col * ld + k] (so each B register is one 32-bit shared load).
+template <int NTILES, int KCHUNKS>
+__device__ __forceinline__ void mma_rows(float (*acc)[4], const u32 (*a)[4], const bf16* bt,
+                                         int ld, int ncols, int kdim) {
+#pragma unroll
+    for (int kc = 0; kc < KCHUNKS; ++kc) {
+        if (kc * 16 >= kdim) break;
+#pragma unroll
+        for (int j = 0; j < NTILES; ++j) {
+            if (j * 8 >= ncols) break;
+            u32 b[2];
+            load_b_nk(b, bt + j * 8 * ld + kc * 16, ld);
+            mma_bf16_16816(acc[j], a[kc], b, acc[j]);
+        }
+    }
+}
+
+// acc (16 x 8 NTILES) = A (16 x K rows of `as`, row stride lda) B, B(k, col) = bs[col * ldb + k],
+// K = `kdim` (a multiple of 16).
+template <int NTILES>
+__device__ __forceinline__ void mma_tile(float (*acc)[4], const bf16* as, int lda, const bf16* bs,
+                                         int ldb, int kdim) {
+#pragma unroll
+    for (int j = 0; j < NTILES; ++j)
+        for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
+        if (kk * 16 >= kdim) break;
+        u32 a[4];
+        load_a(a, as + kk * 16, lda);
+#pragma unroll
+        for (int j = 0; j < NTILES; ++j) {
+            u32 b[2];
+            load_b_nk(b, bs + j * 8 * ldb + kk * 16, ldb);
+            mma_bf16_16816(acc[j], a, b, acc[j]);
+        }
+    }
+}
+
 STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     attention_forward(const bf16* __restrict__ q, const bf16* __restrict__ k,
                       const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
@@ -111,20 +175,24 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     const int bh = blockIdx.y, r0 = blockIdx.x * ATT_BQ;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int dp = round16(d), dvp = round16(dv);
-    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldp = ATT_BK + ATT_PAD;
+    const int ldq = dp + ATT_PAD, ldk = ATT_BK + ATT_PAD;
     STEER_DYNAMIC_SHARED(smem);
     char* carve = smem;
     bf16* qs = take_bf16(carve, ATT_BQ * ldq);
     bf16* ks = take_bf16(carve, ATT_BK * ldq);
-    bf16* vs = take_bf16(carve, ATT_BK * ldv);
-    bf16* ps = take_bf16(carve, ATT_BQ * ldp);
+    bf16* vt = take_bf16(carve, dvp * ldk);
     const bool capture = n_words > 0;
     const float scale_log2 = scale * LOG2E;
     q += (size_t)bh * lq * d;
     k += (size_t)bh * lk * d;
     v += (size_t)bh * lk * dv;
 
-    load_tile(qs, ldq, q, r0, ATT_BQ, lq, d);
+    load_tile<false>(qs, ldq, q, r0, ATT_BQ, lq, d, dp);
+    __syncthreads();
+    u32 qf[ATT_DMAX / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < ATT_DMAX / 16; ++kk)
+        if (kk * 16 < dp) load_a(qf[kk], qs + warp * 16 * ldq + kk * 16, ldq);
 
     // Per fragment row r (rows g and g + 8 of the warp's 16): running max (log2 domain) and this
     // lane's share of the running sum, for the softmax and for the map softmax.
@@ -136,27 +204,16 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
         for (int i = 0; i < 4; ++i) acc_o[j][i] = 0.f;
 
     for (int k0 = 0; k0 < lk; k0 += ATT_BK) {
-        __syncthreads();  // the last tile's K, V and P are no longer read
-        load_tile(ks, ldq, k, k0, ATT_BK, lk, d);
-        load_tile(vs, ldv, v, k0, ATT_BK, lk, dv);
+        __syncthreads();  // the last tile's K and V are no longer read
+        load_tile<false>(ks, ldq, k, k0, ATT_BK, lk, d, dp);
+        load_tile<true>(vt, ldk, v, k0, ATT_BK, lk, dv, dvp);
         __syncthreads();
 
         float s[ATT_BK / 8][4];
 #pragma unroll
         for (int j = 0; j < ATT_BK / 8; ++j)
             for (int i = 0; i < 4; ++i) s[j][i] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
-            if (kk * 16 >= dp) break;
-            u32 a[4];
-            load_a(a, qs + warp * 16 * ldq + kk * 16, ldq);
-#pragma unroll
-            for (int j = 0; j < ATT_BK / 8; ++j) {
-                u32 b[2];
-                load_b_nk(b, ks + j * 8 * ldq + kk * 16, ldq);
-                mma_bf16_16816(s[j], a, b, s[j]);
-            }
-        }
+        mma_rows<ATT_BK / 8, ATT_DMAX / 16>(s, qf, ks, ldq, ATT_BK, dp);
 
         float rmax[2] = {neg_inf(), neg_inf()}, rmax_m[2] = {neg_inf(), neg_inf()};
 #pragma unroll
@@ -186,6 +243,7 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
                 }
             }
         }
+        u32 pf[ATT_BK / 16][4];
 #pragma unroll
         for (int j = 0; j < ATT_BK / 8; ++j) {
             float p[4];
@@ -197,25 +255,14 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
                 if (capture && col >= map_c0 && col < map_c1)
                     lm_part[i >> 1] += exp2f(s[j][i] - mm[i >> 1]);
             }
-            store_pair(ps, ldp, warp * 16 + g, j * 8 + 2 * t, p[0], p[1]);
-            store_pair(ps, ldp, warp * 16 + g + 8, j * 8 + 2 * t, p[2], p[3]);
+            // Accumulator tiles 2c and 2c + 1 are the A fragment of key chunk c.
+            pf[j >> 1][2 * (j & 1)] = pack_bf16(float_to_bf16(p[0]), float_to_bf16(p[1]));
+            pf[j >> 1][2 * (j & 1) + 1] = pack_bf16(float_to_bf16(p[2]), float_to_bf16(p[3]));
         }
 #pragma unroll
         for (int j = 0; j < ATT_DMAX / 8; ++j)
             for (int i = 0; i < 4; ++i) acc_o[j][i] *= corr[i >> 1];
-        __syncwarp();  // this warp's P rows are written
-#pragma unroll
-        for (int kk = 0; kk < ATT_BK / 16; ++kk) {
-            u32 a[4];
-            load_a(a, ps + warp * 16 * ldp + kk * 16, ldp);
-#pragma unroll
-            for (int j = 0; j < ATT_DMAX / 8; ++j) {
-                if (j * 8 >= dvp) break;
-                u32 b[2];
-                load_b_kn(b, vs + kk * 16 * ldv + j * 8, ldv);
-                mma_bf16_16816(acc_o[j], a, b, acc_o[j]);
-            }
-        }
+        mma_rows<ATT_DMAX / 8, ATT_BK / 16>(acc_o, pf, vt, ldk, dvp, ATT_BK);
     }
 
     const int b_idx = bh / heads, h_idx = bh % heads;
@@ -228,9 +275,9 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
 #pragma unroll
             for (int j = 0; j < ATT_DMAX / 8; ++j) {
                 const int col = j * 8 + 2 * t;
-                if (col < dv) o[((size_t)bh * lq + row) * dv + col] = float_to_bf16(acc_o[j][2 * r] * inv);
-                if (col + 1 < dv)
-                    o[((size_t)bh * lq + row) * dv + col + 1] = float_to_bf16(acc_o[j][2 * r + 1] * inv);
+                bf16* out = o + ((size_t)bh * lq + row) * dv;
+                if (col < dv) out[col] = float_to_bf16(acc_o[j][2 * r] * inv);
+                if (col + 1 < dv) out[col + 1] = float_to_bf16(acc_o[j][2 * r + 1] * inv);
             }
             if (t == 0) lse[(size_t)bh * lq + row] = (m[r] + log2f(l)) * LN2;
         }
@@ -284,6 +331,24 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
 }
 STEER_EMU_EXPORT(attention_backward_prep)
 
+// dS for one accumulator element: P (dP - D) plus the maps' term on the map columns.
+struct DsRow {
+    float lse2, lsem2, delta, delta_map;
+};
+__device__ __forceinline__ float ds_value(float x, float dp, const DsRow& st, bool in_map,
+                                          float gv, bool valid) {
+    if (!valid) return 0.f;
+    float ds = exp2f(x - st.lse2) * (dp - st.delta);
+    if (in_map) ds += exp2f(x - st.lsem2) * (gv - st.delta_map);
+    return ds;
+}
+__device__ __forceinline__ DsRow ds_row(const float* lse, const float* lse_map, const float* delta,
+                                        const float* delta_map, size_t at, bool in, bool capture) {
+    // +inf for padding rows makes P zero there.
+    return DsRow{in ? lse[at] * LOG2E : pos_inf(), in && capture ? lse_map[at] * LOG2E : pos_inf(),
+                 in ? delta[at] : 0.f, in && capture ? delta_map[at] : 0.f};
+}
+
 STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     attention_backward_dq(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -295,15 +360,15 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     const int bh = blockIdx.y, r0 = blockIdx.x * ATT_BQ;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int dp = round16(d), dvp = round16(dv);
-    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldp = ATT_BK + ATT_PAD;
+    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldk = ATT_BKQ + ATT_PAD;
     STEER_DYNAMIC_SHARED(smem);
     char* carve = smem;
-    int* colcap = take_i32(carve, ATT_BK);
+    int* colcap = take_i32(carve, ATT_BKQ);
     bf16* qs = take_bf16(carve, ATT_BQ * ldq);
     bf16* dos = take_bf16(carve, ATT_BQ * ldv);
-    bf16* ks = take_bf16(carve, ATT_BK * ldq);
-    bf16* vs = take_bf16(carve, ATT_BK * ldv);
-    bf16* dss = take_bf16(carve, ATT_BQ * ldp);
+    bf16* ks = take_bf16(carve, ATT_BKQ * ldq);
+    bf16* kt = take_bf16(carve, dp * ldk);
+    bf16* vs = take_bf16(carve, ATT_BKQ * ldv);
     const bool capture = ncap > 0;
     const float scale_log2 = scale * LOG2E;
     q += (size_t)bh * lq * d;
@@ -311,93 +376,48 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     v += (size_t)bh * lk * dv;
     dout += (size_t)bh * lq * dv;
 
-    load_tile(qs, ldq, q, r0, ATT_BQ, lq, d);
-    load_tile(dos, ldv, dout, r0, ATT_BQ, lq, dv);
+    load_tile<false>(qs, ldq, q, r0, ATT_BQ, lq, d, dp);
+    load_tile<false>(dos, ldv, dout, r0, ATT_BQ, lq, dv, dvp);
 
-    // Row statistics of this lane's two fragment rows.
-    float lse2[2], lsem2[2], dl[2], dml[2];
+    DsRow st[2];
     int row[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         row[r] = r0 + warp * 16 + g + 8 * r;
-        const bool in = row[r] < lq;
-        const size_t at = (size_t)bh * lq + row[r];
-        lse2[r] = in ? lse[at] * LOG2E : pos_inf();
-        lsem2[r] = in && capture ? lse_map[at] * LOG2E : pos_inf();
-        dl[r] = in ? delta[at] : 0.f;
-        dml[r] = in && capture ? delta_map[at] : 0.f;
+        st[r] = ds_row(lse, lse_map, delta, delta_map, (size_t)bh * lq + row[r], row[r] < lq, capture);
     }
     float acc_dq[ATT_DMAX / 8][4];
 #pragma unroll
     for (int j = 0; j < ATT_DMAX / 8; ++j)
         for (int i = 0; i < 4; ++i) acc_dq[j][i] = 0.f;
 
-    for (int k0 = 0; k0 < lk; k0 += ATT_BK) {
+    for (int k0 = 0; k0 < lk; k0 += ATT_BKQ) {
         __syncthreads();
-        load_tile(ks, ldq, k, k0, ATT_BK, lk, d);
-        load_tile(vs, ldv, v, k0, ATT_BK, lk, dv);
-        if (threadIdx.x < ATT_BK) colcap[threadIdx.x] = capture_index(cap_cols, ncap, k0 + threadIdx.x);
+        load_tile<false>(ks, ldq, k, k0, ATT_BKQ, lk, d, dp);
+        load_tile<true>(kt, ldk, k, k0, ATT_BKQ, lk, d, dp);
+        load_tile<false>(vs, ldv, v, k0, ATT_BKQ, lk, dv, dvp);
+        if (threadIdx.x < ATT_BKQ) colcap[threadIdx.x] = capture_index(cap_cols, ncap, k0 + threadIdx.x);
         __syncthreads();
 
-        float s[ATT_BK / 8][4], dpv[ATT_BK / 8][4];
+        float s[ATT_BKQ / 8][4], dpv[ATT_BKQ / 8][4];
+        mma_tile<ATT_BKQ / 8>(s, qs + warp * 16 * ldq, ldq, ks, ldq, dp);
+        mma_tile<ATT_BKQ / 8>(dpv, dos + warp * 16 * ldv, ldv, vs, ldv, dvp);
+        u32 dsf[ATT_BKQ / 16][4];
 #pragma unroll
-        for (int j = 0; j < ATT_BK / 8; ++j)
-            for (int i = 0; i < 4; ++i) s[j][i] = dpv[j][i] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
-            if (kk * 16 >= dp) break;
-            u32 a[4];
-            load_a(a, qs + warp * 16 * ldq + kk * 16, ldq);
-#pragma unroll
-            for (int j = 0; j < ATT_BK / 8; ++j) {
-                u32 b[2];
-                load_b_nk(b, ks + j * 8 * ldq + kk * 16, ldq);
-                mma_bf16_16816(s[j], a, b, s[j]);
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
-            if (kk * 16 >= dvp) break;
-            u32 a[4];
-            load_a(a, dos + warp * 16 * ldv + kk * 16, ldv);
-#pragma unroll
-            for (int j = 0; j < ATT_BK / 8; ++j) {
-                u32 b[2];
-                load_b_nk(b, vs + j * 8 * ldv + kk * 16, ldv);
-                mma_bf16_16816(dpv[j], a, b, dpv[j]);
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < ATT_BK / 8; ++j) {
+        for (int j = 0; j < ATT_BKQ / 8; ++j) {
             float ds[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int r = i >> 1, jl = j * 8 + 2 * t + (i & 1), col = k0 + jl;
-                const float x = s[j][i] * scale_log2;
-                const float p = col < lk ? exp2f(x - lse2[r]) : 0.f;
-                ds[i] = p * (dpv[j][i] - dl[r]);
-                if (capture && col >= map_c0 && col < map_c1 && col < lk) {
-                    const int c = colcap[jl];
-                    const float gv = (c >= 0 && row[r] < lq) ? gcap[((size_t)bh * lq + row[r]) * ncap + c] : 0.f;
-                    ds[i] += exp2f(x - lsem2[r]) * (gv - dml[r]);
-                }
+                const bool in_map = capture && col >= map_c0 && col < map_c1;
+                const int c = in_map ? colcap[jl] : -1;
+                const float gv = (c >= 0 && row[r] < lq) ? gcap[((size_t)bh * lq + row[r]) * ncap + c] : 0.f;
+                ds[i] = ds_value(s[j][i] * scale_log2, dpv[j][i], st[r], in_map, gv, col < lk);
             }
-            store_pair(dss, ldp, warp * 16 + g, j * 8 + 2 * t, ds[0], ds[1]);
-            store_pair(dss, ldp, warp * 16 + g + 8, j * 8 + 2 * t, ds[2], ds[3]);
+            dsf[j >> 1][2 * (j & 1)] = pack_bf16(float_to_bf16(ds[0]), float_to_bf16(ds[1]));
+            dsf[j >> 1][2 * (j & 1) + 1] = pack_bf16(float_to_bf16(ds[2]), float_to_bf16(ds[3]));
         }
-        __syncwarp();
-#pragma unroll
-        for (int kk = 0; kk < ATT_BK / 16; ++kk) {
-            u32 a[4];
-            load_a(a, dss + warp * 16 * ldp + kk * 16, ldp);
-#pragma unroll
-            for (int j = 0; j < ATT_DMAX / 8; ++j) {
-                if (j * 8 >= dp) break;
-                u32 b[2];
-                load_b_kn(b, ks + kk * 16 * ldq + j * 8, ldq);
-                mma_bf16_16816(acc_dq[j], a, b, acc_dq[j]);
-            }
-        }
+        mma_rows<ATT_DMAX / 8, ATT_BKQ / 16>(acc_dq, dsf, kt, ldk, dp, ATT_BKQ);
     }
 
 #pragma unroll
@@ -414,9 +434,6 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
 }
 STEER_EMU_EXPORT(attention_backward_dq)
 
-#define ATT_BKB 64  // keys a dK/dV block owns (16 a warp)
-#define ATT_BQB 32  // query rows a dK/dV tile streams
-
 STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     attention_backward_dkdv(const bf16* __restrict__ q, const bf16* __restrict__ k,
                             const bf16* __restrict__ v, const bf16* __restrict__ dout,
@@ -428,19 +445,16 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     const int bh = blockIdx.y, kb0 = blockIdx.x * ATT_BKB;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int dp = round16(d), dvp = round16(dv);
-    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldp = ATT_BQB + ATT_PAD;
+    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldt = ATT_BQB + ATT_PAD;
     STEER_DYNAMIC_SHARED(smem);
     char* carve = smem;
-    float* lse2s = take_f32(carve, ATT_BQB);
-    float* lsem2s = take_f32(carve, ATT_BQB);
-    float* dls = take_f32(carve, ATT_BQB);
-    float* dmls = take_f32(carve, ATT_BQB);
+    DsRow* stats = (DsRow*)take_f32(carve, 4 * ATT_BQB);
     bf16* ks = take_bf16(carve, ATT_BKB * ldq);
     bf16* vs = take_bf16(carve, ATT_BKB * ldv);
     bf16* qs = take_bf16(carve, ATT_BQB * ldq);
+    bf16* qt = take_bf16(carve, dp * ldt);
     bf16* dos = take_bf16(carve, ATT_BQB * ldv);
-    bf16* pts = take_bf16(carve, ATT_BKB * ldp);
-    bf16* dsts = take_bf16(carve, ATT_BKB * ldp);
+    bf16* dot = take_bf16(carve, dvp * ldt);
     const bool capture = ncap > 0;
     const float scale_log2 = scale * LOG2E;
     q += (size_t)bh * lq * d;
@@ -448,8 +462,8 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     v += (size_t)bh * lk * dv;
     dout += (size_t)bh * lq * dv;
 
-    load_tile(ks, ldq, k, kb0, ATT_BKB, lk, d);
-    load_tile(vs, ldv, v, kb0, ATT_BKB, lk, dv);
+    load_tile<false>(ks, ldq, k, kb0, ATT_BKB, lk, d, dp);
+    load_tile<false>(vs, ldv, v, kb0, ATT_BKB, lk, dv, dvp);
     // This lane's two keys (fragment rows): their captured-column index and map membership.
     int key[2], cidx[2];
     bool in_map[2];
@@ -466,88 +480,40 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
 
     for (int q0 = 0; q0 < lq; q0 += ATT_BQB) {
         __syncthreads();
-        load_tile(qs, ldq, q, q0, ATT_BQB, lq, d);
-        load_tile(dos, ldv, dout, q0, ATT_BQB, lq, dv);
+        load_tile<false>(qs, ldq, q, q0, ATT_BQB, lq, d, dp);
+        load_tile<true>(qt, ldt, q, q0, ATT_BQB, lq, d, dp);
+        load_tile<false>(dos, ldv, dout, q0, ATT_BQB, lq, dv, dvp);
+        load_tile<true>(dot, ldt, dout, q0, ATT_BQB, lq, dv, dvp);
         if (threadIdx.x < ATT_BQB) {
             const int qi = q0 + threadIdx.x;
-            const bool in = qi < lq;
-            const size_t at = (size_t)bh * lq + qi;
-            // +inf makes exp2(x - lse) zero for the padding rows.
-            lse2s[threadIdx.x] = in ? lse[at] * LOG2E : pos_inf();
-            lsem2s[threadIdx.x] = in && capture ? lse_map[at] * LOG2E : pos_inf();
-            dls[threadIdx.x] = in ? delta[at] : 0.f;
-            dmls[threadIdx.x] = in && capture ? delta_map[at] : 0.f;
+            stats[threadIdx.x] = ds_row(lse, lse_map, delta, delta_map, (size_t)bh * lq + qi, qi < lq, capture);
         }
         __syncthreads();
 
         float st[ATT_BQB / 8][4], dpt[ATT_BQB / 8][4];
-#pragma unroll
-        for (int j = 0; j < ATT_BQB / 8; ++j)
-            for (int i = 0; i < 4; ++i) st[j][i] = dpt[j][i] = 0.f;
-#pragma unroll
-        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
-            if (kk * 16 >= dp) break;
-            u32 a[4];
-            load_a(a, ks + warp * 16 * ldq + kk * 16, ldq);
-#pragma unroll
-            for (int j = 0; j < ATT_BQB / 8; ++j) {
-                u32 b[2];
-                load_b_nk(b, qs + j * 8 * ldq + kk * 16, ldq);
-                mma_bf16_16816(st[j], a, b, st[j]);
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
-            if (kk * 16 >= dvp) break;
-            u32 a[4];
-            load_a(a, vs + warp * 16 * ldv + kk * 16, ldv);
-#pragma unroll
-            for (int j = 0; j < ATT_BQB / 8; ++j) {
-                u32 b[2];
-                load_b_nk(b, dos + j * 8 * ldv + kk * 16, ldv);
-                mma_bf16_16816(dpt[j], a, b, dpt[j]);
-            }
-        }
+        mma_tile<ATT_BQB / 8>(st, ks + warp * 16 * ldq, ldq, qs, ldq, dp);
+        mma_tile<ATT_BQB / 8>(dpt, vs + warp * 16 * ldv, ldv, dos, ldv, dvp);
+        u32 pf[ATT_BQB / 16][4], dsf[ATT_BQB / 16][4];
 #pragma unroll
         for (int j = 0; j < ATT_BQB / 8; ++j) {
             float p[4], ds[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const int r = i >> 1, ql = j * 8 + 2 * t + (i & 1);
+                const int r = i >> 1, ql = j * 8 + 2 * t + (i & 1), qi = q0 + ql;
                 const float x = st[j][i] * scale_log2;
-                p[i] = exp2f(x - lse2s[ql]);
-                ds[i] = p[i] * (dpt[j][i] - dls[ql]);
-                if (in_map[r] && q0 + ql < lq) {
-                    const float gv = cidx[r] >= 0 ? gcap[((size_t)bh * lq + q0 + ql) * ncap + cidx[r]] : 0.f;
-                    ds[i] += exp2f(x - lsem2s[ql]) * (gv - dmls[ql]);
-                }
+                const DsRow& sr = stats[ql];
+                p[i] = exp2f(x - sr.lse2);
+                const float gv = (in_map[r] && cidx[r] >= 0 && qi < lq)
+                                     ? gcap[((size_t)bh * lq + qi) * ncap + cidx[r]] : 0.f;
+                ds[i] = ds_value(x, dpt[j][i], sr, in_map[r], gv, true);
             }
-            store_pair(pts, ldp, warp * 16 + g, j * 8 + 2 * t, p[0], p[1]);
-            store_pair(pts, ldp, warp * 16 + g + 8, j * 8 + 2 * t, p[2], p[3]);
-            store_pair(dsts, ldp, warp * 16 + g, j * 8 + 2 * t, ds[0], ds[1]);
-            store_pair(dsts, ldp, warp * 16 + g + 8, j * 8 + 2 * t, ds[2], ds[3]);
+            pf[j >> 1][2 * (j & 1)] = pack_bf16(float_to_bf16(p[0]), float_to_bf16(p[1]));
+            pf[j >> 1][2 * (j & 1) + 1] = pack_bf16(float_to_bf16(p[2]), float_to_bf16(p[3]));
+            dsf[j >> 1][2 * (j & 1)] = pack_bf16(float_to_bf16(ds[0]), float_to_bf16(ds[1]));
+            dsf[j >> 1][2 * (j & 1) + 1] = pack_bf16(float_to_bf16(ds[2]), float_to_bf16(ds[3]));
         }
-        __syncwarp();
-#pragma unroll
-        for (int kk = 0; kk < ATT_BQB / 16; ++kk) {
-            u32 a[4];
-            load_a(a, pts + warp * 16 * ldp + kk * 16, ldp);
-#pragma unroll
-            for (int j = 0; j < ATT_DMAX / 8; ++j) {
-                if (j * 8 >= dvp) break;
-                u32 b[2];
-                load_b_kn(b, dos + kk * 16 * ldv + j * 8, ldv);
-                mma_bf16_16816(acc_dv[j], a, b, acc_dv[j]);
-            }
-            load_a(a, dsts + warp * 16 * ldp + kk * 16, ldp);
-#pragma unroll
-            for (int j = 0; j < ATT_DMAX / 8; ++j) {
-                if (j * 8 >= dp) break;
-                u32 b[2];
-                load_b_kn(b, qs + kk * 16 * ldq + j * 8, ldq);
-                mma_bf16_16816(acc_dk[j], a, b, acc_dk[j]);
-            }
-        }
+        mma_rows<ATT_DMAX / 8, ATT_BQB / 16>(acc_dv, pf, dot, ldt, dvp, ATT_BQB);
+        mma_rows<ATT_DMAX / 8, ATT_BQB / 16>(acc_dk, dsf, qt, ldt, dp, ATT_BQB);
     }
 
 #pragma unroll

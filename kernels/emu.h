@@ -41,6 +41,10 @@ struct uint3 {
 struct dim3 {
     unsigned x, y, z;
 };
+// No alignas(16): host tensors are only element-aligned, and x86 reads them unaligned.
+struct uint4 {
+    unsigned x, y, z, w;
+};
 
 namespace steer_emu {
 

@@ -43,6 +43,15 @@ run)
     status=0
     # One test at a time: their timings and any device fault stay attributable.
     "$dir/cuda-tests" --test-threads=1 --nocapture 2>&1 | tee "$out/cuda-tests.log" || status=1
+    # Shared-memory races and out-of-bounds accesses in the attention kernels (where the machine's
+    # compute-sanitizer can read the GPU; informational: its verdict is in the log).
+    if command -v compute-sanitizer >/dev/null; then
+        for tool in memcheck racecheck; do
+            timeout 180 compute-sanitizer --tool "$tool" --print-limit 5 "$dir/cuda-tests" \
+                --test-threads=1 attention_forward attention_backward >"$out/sanitizer-$tool.log" 2>&1 ||
+                echo "compute-sanitizer $tool: exit $? (see $out/sanitizer-$tool.log)"
+        done
+    fi
     # The CLI on the tiny SD2.1 UNet, against diffusers' f32 output (tolerance as in
     # tests/kernel_cases: 5e-2 for bf16).
     python3 - "$out" <<'PY' 2>&1 | tee "$out/cli-forward.log" || status=1
@@ -67,6 +76,10 @@ PY
     echo "== device check: tests"
     grep -E '^test .* \.\.\. ' "$out/cuda-tests.log" | sed -E 's/^test //' | awk '{printf "%-55s %s\n", $1, $3}'
     grep -E '^test result:' "$out/cuda-tests.log" || true
+    echo "== device check: compute-sanitizer"
+    for f in "$out"/sanitizer-*.log; do
+        [[ -e $f ]] && echo "$(basename "$f"): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|error' "$f" | tail -n 2 | tr '\n' ' ')"
+    done
     echo "== device check: CLI"
     grep -E 'rel error|Error|error' "$out/cli-forward.log" || true
     echo "== device check: attention benchmark"

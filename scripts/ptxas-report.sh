@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ptxas's register, shared-memory and spill report for every kernel in kernels/*.cu, for sm_80
 # (A100) and sm_90 (H100). Compiled with the flags build.rs uses; exits non-zero when a compile
-# fails. nvcc: $NVCC, else the pinned one that .ci/run installs.
+# fails or when any kernel spills registers to local memory. nvcc: $NVCC, else the pinned one
+# that .ci/run installs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,11 +22,18 @@ fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+spills=0
 for src in "${sources[@]}"; do
     for arch in sm_80 sm_90; do
         echo "== $src ($arch)"
         # ptxas -v reports on stderr; the cubin itself is thrown away.
         "$nvcc" -cubin -arch="$arch" -std=c++17 -O3 -Ikernels -Xptxas -v \
-            -o "$tmp/kernel.cubin" "$src" 2>&1
+            -o "$tmp/kernel.cubin" "$src" >"$tmp/report" 2>&1 || { cat "$tmp/report"; exit 1; }
+        cat "$tmp/report"
+        if grep -Eq '[1-9][0-9]* bytes spill (stores|loads)' "$tmp/report"; then
+            echo "ptxas-report: $src spills registers on $arch" >&2
+            spills=1
+        fi
     done
 done
+exit $spills

@@ -16,7 +16,8 @@ const MODULE: &str = "attention";
 // Tile sizes: must match ATT_* in kernels/attention.cu.
 const THREADS: u32 = 128;
 const BQ: usize = 64;
-const BK: usize = 32;
+const BK: usize = 64;
+const BKQ: usize = 32;
 const BKB: usize = 64;
 const BQB: usize = 32;
 const PAD: usize = 8;
@@ -135,8 +136,9 @@ fn forward<M: Memory>(
         lse_map: m.zeros(if t.n_words > 0 { rows } else { 1 })?,
         maps: m.zeros(t.n_words as usize * rows)?,
     };
-    let (ldq, ldv, ldp) = (round16(dm.d) + PAD, round16(dm.dv) + PAD, BK + PAD);
-    let smem = 2 * (BQ * ldq + BK * ldq + BK * ldv + BQ * ldp);
+    // The shared arrays of attention_forward: Q and K tiles as rows, V transposed.
+    let (ldq, ldk) = (round16(dm.d) + PAD, BK + PAD);
+    let smem = 2 * (BQ * ldq + BK * ldq + round16(dm.dv) * ldk);
     let call = KernelCall {
         module: MODULE,
         name: "attention_forward",
@@ -292,7 +294,8 @@ pub(crate) fn attention_backward<M: Memory>(
         Arg::I32(dm.dv as i32),
         Arg::F32(scale as f32),
     ];
-    let (ldq, ldv) = (round16(dm.d) + PAD, round16(dm.dv) + PAD);
+    let (dp, dvp) = (round16(dm.d), round16(dm.dv));
+    let (ldq, ldv) = (dp + PAD, dvp + PAD);
 
     let mut dq = m.zeros::<bf16>(rows * dm.d)?;
     let mut args = common.to_vec();
@@ -302,7 +305,9 @@ pub(crate) fn attention_backward<M: Memory>(
         name: "attention_backward_dq",
         grid: grid(dm.lq, BQ, &dm),
         block: [THREADS, 1, 1],
-        smem: (4 * BK + 2 * (BQ * ldq + BQ * ldv + BK * ldq + BK * ldv + BQ * (BK + PAD))) as u32,
+        // colcap; Q and dO rows; a K tile as rows and transposed; V rows.
+        smem: (4 * BKQ + 2 * (BQ * ldq + BQ * ldv + BKQ * ldq + dp * (BKQ + PAD) + BKQ * ldv))
+            as u32,
         args,
     })?;
 
@@ -318,9 +323,14 @@ pub(crate) fn attention_backward<M: Memory>(
             name: "attention_backward_dkdv",
             grid: grid(dm.lk, BKB, &dm),
             block: [THREADS, 1, 1],
+            // Row statistics; K and V rows; a Q and a dO tile as rows and transposed.
             smem: (4 * 4 * BQB
-                + 2 * (BKB * ldq + BKB * ldv + BQB * ldq + BQB * ldv + 2 * BKB * (BQB + PAD)))
-                as u32,
+                + 2 * (BKB * ldq
+                    + BKB * ldv
+                    + BQB * ldq
+                    + dp * (BQB + PAD)
+                    + BQB * ldv
+                    + dvp * (BQB + PAD))) as u32,
             args,
         })?;
         (

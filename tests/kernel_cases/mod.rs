@@ -78,13 +78,14 @@ fn cases() -> Vec<Case> {
         })
     };
     vec![
+        // Head dims off the 8-element vector loads.
         Case {
             b: 1,
             h: 1,
             lq: 16,
             lk: 16,
-            d: 16,
-            dv: 16,
+            d: 12,
+            dv: 20,
             capture: None,
         },
         // A word of two tokens, a column shared by two words, odd sizes and Dv != D.
