@@ -10,6 +10,10 @@
 // copy_strided   out[i] = x[offset(i)] over a shape of rank <= 6 with any strides on either side:
 //                permute, concat and split are this one kernel with different strides
 //                (ops::permute, concat, split).
+// Backwards (input gradients; the frozen-model path of steering):
+// ew_activation_backward  dx = dy f'(x) for silu and gelu     (ops::activation_backward)
+// geglu_backward          dx = (dy gelu(g), dy h gelu'(g))    (ops::geglu_backward)
+// upsample2x_backward     dx = the sum of each 2x2 block of dy (ops::upsample_nearest2x_backward)
 //
 // Launch: 1-D grid-stride loops, 256 threads a block, at most 4096 blocks; no shared memory.
 // Cost: memory-bound, 2 (unary) or 3 (binary) x 2 bytes an element; a few FLOPs an element
@@ -25,6 +29,15 @@
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
+__device__ __forceinline__ float silu_grad(float x) {
+    const float s = 1.f / (1.f + expf(-x));
+    return s * (1.f + x * (1.f - s));
+}
+// d/dx of x Phi(x) = Phi(x) + x phi(x).
+__device__ __forceinline__ float gelu_grad(float x) {
+    return 0.5f * (1.f + erff(x * 0.70710678118654752f)) +
+           x * 0.3989422804014327f * expf(-0.5f * x * x);
+}
 
 STEER_KERNEL void ew_binary(bf16* __restrict__ out, const bf16* __restrict__ a,
                             const bf16* __restrict__ b, unsigned long long n, int op) {
@@ -99,3 +112,40 @@ STEER_KERNEL void copy_strided(bf16* __restrict__ out, const bf16* __restrict__ 
     }
 }
 STEER_EMU_EXPORT(copy_strided)
+
+STEER_KERNEL void ew_activation_backward(bf16* __restrict__ dx, const bf16* __restrict__ x,
+                                         const bf16* __restrict__ dy, unsigned long long n,
+                                         int act) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
+        const float v = bf16_to_float(x[i]);
+        dx[i] = float_to_bf16(bf16_to_float(dy[i]) * (act == ACT_SILU ? silu_grad(v) : gelu_grad(v)));
+    }
+}
+STEER_EMU_EXPORT(ew_activation_backward)
+
+// n: elements of dy (rows x d); dx is (rows, 2d).
+STEER_KERNEL void geglu_backward(bf16* __restrict__ dx, const bf16* __restrict__ x,
+                                 const bf16* __restrict__ dy, unsigned long long n, int d) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
+        const size_t row = i / d, col = i % d;
+        const bf16* xr = x + row * 2 * d;
+        const float h = bf16_to_float(xr[col]), g = bf16_to_float(xr[d + col]);
+        const float gy = bf16_to_float(dy[i]);
+        dx[row * 2 * d + col] = float_to_bf16(gy * gelu(g));
+        dx[row * 2 * d + d + col] = float_to_bf16(gy * h * gelu_grad(g));
+    }
+}
+STEER_EMU_EXPORT(geglu_backward)
+
+// n: elements of dx, (P, h, w) planes; dy is (P, 2h, 2w).
+STEER_KERNEL void upsample2x_backward(bf16* __restrict__ dx, const bf16* __restrict__ dy,
+                                      unsigned long long n, int h, int w) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
+        const size_t plane = i / ((size_t)h * w), rest = i % ((size_t)h * w);
+        const int y = (int)(rest / w), xx = (int)(rest % w);
+        const bf16* d = dy + (plane * 2 * h + 2 * y) * 2 * w + 2 * xx;
+        dx[i] = float_to_bf16(bf16_to_float(d[0]) + bf16_to_float(d[1]) + bf16_to_float(d[2 * w]) +
+                              bf16_to_float(d[2 * w + 1]));
+    }
+}
+STEER_EMU_EXPORT(upsample2x_backward)

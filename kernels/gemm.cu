@@ -1,11 +1,16 @@
 // gemm.cu: bf16 matrix products on the tensor cores, for linear layers and convolutions.
 //
-// gemm_bt    C = A B^T (+ bias): A (M, K) and B (N, K) row-major bf16 (B is a torch Linear or a
-//            flattened conv weight, (out, in)), f32 accumulation, C bf16. C is row-major (M, N),
-//            or with hw > 0 laid out as NCHW: row m = (image m / hw, pixel m % hw) goes to
-//            C[(m / hw) N hw + n hw + m % hw] (a convolution's output, no transpose pass).
+// gemm_bt    C = A B^T (+ bias): A (M, K) row-major bf16; B (N, K) bf16 with element (n, k) at
+//            b[n ldb_n + k ldb_k] (a torch Linear or flattened conv weight, (out, in), is
+//            (K, 1); the same weight read as its transpose, for an input gradient, is (1, N)),
+//            f32 accumulation, C bf16. C is row-major (M, N), or with hw > 0 laid out as NCHW:
+//            row m = (image m / hw, pixel m % hw) goes to C[(m / hw) N hw + n hw + m % hw] (a
+//            convolution's output, no transpose pass).
 // im2col     the patches of x (B, C, H, W) as rows: col[(b, oy, ox), (c, i, j)] =
 //            x[b, c, oy s - p + i, ox s - p + j] (0 outside), so conv2d = im2col + gemm_bt.
+// col2im     its adjoint, as a gather (one thread an input pixel, no atomics): dx[b, c, y, x] =
+//            the sum of dcol over the patches that read (y, x); conv2d's input gradient is
+//            gemm_bt (dy rows times the weight) + col2im.
 //
 // gemm_bt launch: 128 threads (4 warps), a 64 x 64 tile of C a block, grid (ceil(N/64),
 // ceil(M/64)); K streams through shared memory 32 at a time (As, Bs: 64 x 40 bf16 each, 10 KiB);
@@ -23,19 +28,28 @@
 #define GEMM_BK 32
 #define GEMM_LD (GEMM_BK + 8)
 
-// A 64 x 32 tile of a row-major (rows, k) matrix from (row0, k0) into shared memory, zero-padded.
+// A 64 x 32 tile of a (rows, k) matrix with element (r, c) at src[r ld_r + c ld_c], from
+// (row0, k0) into shared memory as rows, zero-padded.
 __device__ __forceinline__ void gemm_load_tile(bf16* dst, const bf16* src, int rows, int k,
-                                               int row0, int k0) {
-    for (int idx = threadIdx.x; idx < GEMM_BM * GEMM_BK; idx += GEMM_THREADS) {
-        const int r = idx / GEMM_BK, c = idx % GEMM_BK;
-        const int gr = row0 + r, gc = k0 + c;
-        dst[r * GEMM_LD + c] = (gr < rows && gc < k) ? src[(size_t)gr * k + gc] : 0;
+                                               long long ld_r, long long ld_c, int row0, int k0) {
+    // Along k within a row when k is contiguous, along rows otherwise: coalesced either way.
+    if (ld_c == 1) {
+        for (int idx = threadIdx.x; idx < GEMM_BM * GEMM_BK; idx += GEMM_THREADS) {
+            const int r = idx / GEMM_BK, c = idx % GEMM_BK, gr = row0 + r, gc = k0 + c;
+            dst[r * GEMM_LD + c] = (gr < rows && gc < k) ? src[gr * ld_r + gc] : (bf16)0;
+        }
+    } else {
+        for (int idx = threadIdx.x; idx < GEMM_BM * GEMM_BK; idx += GEMM_THREADS) {
+            const int r = idx % GEMM_BM, c = idx / GEMM_BM, gr = row0 + r, gc = k0 + c;
+            dst[r * GEMM_LD + c] = (gr < rows && gc < k) ? src[gr * ld_r + gc * ld_c] : (bf16)0;
+        }
     }
 }
 
 STEER_KERNEL void __launch_bounds__(GEMM_THREADS)
     gemm_bt(bf16* __restrict__ c, const bf16* __restrict__ a, const bf16* __restrict__ b,
-            const bf16* __restrict__ bias, int m, int n, int k, int hw) {
+            const bf16* __restrict__ bias, int m, int n, int k, long long ldb_n, long long ldb_k,
+            int hw) {
     __shared__ u32 as_words[GEMM_BM * GEMM_LD / 2];
     __shared__ u32 bs_words[GEMM_BN * GEMM_LD / 2];
     bf16* as = (bf16*)as_words;
@@ -48,8 +62,8 @@ STEER_KERNEL void __launch_bounds__(GEMM_THREADS)
         for (int i = 0; i < 4; ++i) acc[j][i] = 0.f;
     for (int k0 = 0; k0 < k; k0 += GEMM_BK) {
         __syncthreads();
-        gemm_load_tile(as, a, m, k, m0, k0);
-        gemm_load_tile(bs, b, n, k, n0, k0);
+        gemm_load_tile(as, a, m, k, k, 1, m0, k0);
+        gemm_load_tile(bs, b, n, k, ldb_n, ldb_k, n0, k0);
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < GEMM_BK / 16; ++kk) {
@@ -93,3 +107,27 @@ STEER_KERNEL void im2col(bf16* __restrict__ col, const bf16* __restrict__ x, int
     }
 }
 STEER_EMU_EXPORT(im2col)
+
+STEER_KERNEL void col2im(bf16* __restrict__ dx, const bf16* __restrict__ col, int channels,
+                         int h, int w, int kh, int kw, int stride, int pad, int oh, int ow,
+                         unsigned long long n) {
+    const int kdim = channels * kh * kw;
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
+        const int xx = (int)(i % w), y = (int)((i / w) % h);
+        const int ch = (int)((i / ((size_t)w * h)) % channels);
+        const size_t b = i / ((size_t)w * h * channels);
+        float sum = 0.f;
+        for (int ki = 0; ki < kh; ++ki) {
+            const int ty = y + pad - ki;
+            if (ty < 0 || ty % stride != 0 || ty / stride >= oh) continue;
+            for (int kj = 0; kj < kw; ++kj) {
+                const int tx = xx + pad - kj;
+                if (tx < 0 || tx % stride != 0 || tx / stride >= ow) continue;
+                const size_t r = (b * oh + ty / stride) * ow + tx / stride;
+                sum += bf16_to_float(col[r * kdim + (ch * kh + ki) * kw + kj]);
+            }
+        }
+        dx[i] = float_to_bf16(sum);
+    }
+}
+STEER_EMU_EXPORT(col2im)

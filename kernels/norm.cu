@@ -8,6 +8,10 @@
 // (c = e); group norm over (B, C, HW) is groups = G, per_row = C / G, span = HW. gamma and beta
 // may be null (1 and 0).
 //
+// norm_rows_backward: the input gradient alone (the frozen-model path of steering). With
+// xhat = (x - mean) rstd and g = dy gamma[c]: dx = rstd (g - mean(g) - xhat mean(g xhat)); without
+// centering (RMS norm) the mean(g) term drops out.
+//
 // Launch: one block of 256 threads a row (grid = rows); block reductions through warp shuffles
 // and 8 floats of static shared memory. Two passes for the statistics (mean, then the squared
 // deviations: no cancellation), one to write.
@@ -59,3 +63,39 @@ STEER_KERNEL void __launch_bounds__(NORM_THREADS)
     }
 }
 STEER_EMU_EXPORT(norm_rows)
+
+STEER_KERNEL void __launch_bounds__(NORM_THREADS)
+    norm_rows_backward(bf16* __restrict__ dx, const bf16* __restrict__ x,
+                       const bf16* __restrict__ dy, const bf16* __restrict__ gamma, long long n,
+                       int groups, int per_row, long long span, int center, float eps) {
+    __shared__ float scratch[NORM_THREADS / 32];
+    const size_t row = blockIdx.x;
+    const bf16* xr = x + row * n;
+    const bf16* dyr = dy + row * n;
+    bf16* dxr = dx + row * n;
+    const int c0 = (int)(row % groups) * per_row;
+    float s = 0.f;
+    if (center)
+        for (long long e = threadIdx.x; e < n; e += NORM_THREADS) s += bf16_to_float(xr[e]);
+    const float mean = center ? block_sum(s, scratch) / (float)n : 0.f;
+    float q = 0.f;
+    for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
+        const float d = bf16_to_float(xr[e]) - mean;
+        q += d * d;
+    }
+    const float rstd = 1.f / sqrtf(block_sum(q, scratch) / (float)n + eps);
+    float sg = 0.f, sgx = 0.f;
+    for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
+        const float g = bf16_to_float(dyr[e]) * (gamma ? bf16_to_float(gamma[c0 + (int)(e / span)]) : 1.f);
+        sg += g;
+        sgx += g * (bf16_to_float(xr[e]) - mean) * rstd;
+    }
+    const float mg = center ? block_sum(sg, scratch) / (float)n : 0.f;
+    const float mgx = block_sum(sgx, scratch) / (float)n;
+    for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
+        const float g = bf16_to_float(dyr[e]) * (gamma ? bf16_to_float(gamma[c0 + (int)(e / span)]) : 1.f);
+        const float xhat = (bf16_to_float(xr[e]) - mean) * rstd;
+        dxr[e] = float_to_bf16(rstd * (g - mg - xhat * mgx));
+    }
+}
+STEER_EMU_EXPORT(norm_rows_backward)

@@ -70,6 +70,14 @@ err = ((got - want).abs().max() / want.abs().max()).item()
 print(f"steer forward --device cuda, tiny SD2.1 UNet: rel error {err:.2e} vs diffusers f32")
 sys.exit(0 if err < 5e-2 else 1)
 PY
+    # Steering end to end on the shipped ShapesWorld model, the UNet on the GPU and on the CPU.
+    for device in cuda cpu; do
+        t0=$(date +%s.%N)
+        "$dir/steer" generate "a red circle to the left of a blue square" --device "$device" \
+            --out "$out/shapes-$device.png" >"$out/generate-$device.log" 2>&1 || status=1
+        echo "generate --device $device: $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s wall" |
+            tee -a "$out/generate-$device.log"
+    done
     "$dir/steer-bench" attention --python python3 --json "$out/bench-attention.json" 2>&1 |
         tee "$out/bench-attention.log" || status=1
     echo
@@ -82,6 +90,8 @@ PY
     done
     echo "== device check: CLI"
     grep -E 'rel error|Error|error' "$out/cli-forward.log" || true
+    echo "== device check: generate (ShapesWorld, steered)"
+    for device in cuda cpu; do tail -n 2 "$out/generate-$device.log"; done
     echo "== device check: attention benchmark"
     sed -n '/^steer-bench attention/,$p' "$out/bench-attention.log"
     exit $status

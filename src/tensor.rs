@@ -278,10 +278,33 @@ impl Tensor {
 
     /// This tensor in `other`'s dtype and on its device (a no-op when they already agree).
     pub fn to_like(&self, other: &Tensor) -> Result<Tensor> {
-        let t = self.to_dtype(other.dtype())?;
-        match other.cuda_device() {
-            Some(dev) => t.to_cuda(dev),
-            None => t.to_host(),
+        self.to_place(other.dtype(), other.cuda_device())
+    }
+
+    /// This tensor on `other`'s device, in its own dtype.
+    pub fn to_device_of(&self, other: &Tensor) -> Result<Tensor> {
+        self.to_place(self.dtype(), other.cuda_device())
+    }
+
+    /// This tensor in `dtype` on `device` (the host for `None`). Dtype conversions run on the
+    /// host, so a GPU tensor that changes dtype makes a round trip.
+    fn to_place(
+        &self,
+        dtype: DType,
+        device: Option<&std::sync::Arc<crate::cuda::CudaDevice>>,
+    ) -> Result<Tensor> {
+        let same_place = match (self.cuda_device(), device) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.ordinal() == b.ordinal(),
+            _ => false,
+        };
+        if same_place && self.dtype() == dtype {
+            return Ok(self.clone());
+        }
+        let host = self.to_host()?.to_dtype(dtype)?;
+        match device {
+            Some(dev) => host.to_cuda(dev),
+            None => Ok(host),
         }
     }
 

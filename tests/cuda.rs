@@ -92,6 +92,8 @@ gpu_tests!(
     norms_match_cpu,
     linear_and_conv_match_cpu,
     unet_forward_matches_diffusers_in_bf16,
+    backward_ops_match_cpu,
+    unet_steering_pass_matches_diffusers_in_bf16,
 );
 
 #[test]

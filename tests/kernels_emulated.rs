@@ -74,3 +74,13 @@ fn linear_and_conv_match_cpu() {
 fn unet_forward_matches_diffusers_in_bf16() {
     kernel_cases::unet_forward_matches_diffusers_in_bf16(&emulated());
 }
+
+#[test]
+fn backward_ops_match_cpu() {
+    kernel_cases::backward_ops_match_cpu(&emulated());
+}
+
+#[test]
+fn unet_steering_pass_matches_diffusers_in_bf16() {
+    kernel_cases::unet_steering_pass_matches_diffusers_in_bf16(&emulated());
+}

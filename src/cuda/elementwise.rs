@@ -66,16 +66,19 @@ pub(crate) fn scale<M: Memory>(m: &M, x: &Tensor, s: f64) -> Result<Tensor> {
     })
 }
 
+/// The activation's code in kernels/elementwise.cu.
+fn activation_code(op: &str, act: Activation) -> Result<i32> {
+    match act {
+        Activation::Silu => Ok(0),
+        Activation::Gelu => Ok(1),
+        other => Err(Error::Invalid(format!(
+            "{op}: {other:?} has no CUDA kernel yet (silu and gelu do)"
+        ))),
+    }
+}
+
 pub(crate) fn activation<M: Memory>(m: &M, x: &Tensor, act: Activation) -> Result<Tensor> {
-    let code = match act {
-        Activation::Silu => 0,
-        Activation::Gelu => 1,
-        other => {
-            return Err(Error::Invalid(format!(
-                "activation: {other:?} has no CUDA kernel yet (silu and gelu do)"
-            )))
-        }
-    };
+    let code = activation_code("activation", act)?;
     let xa = m.tensor_addr::<bf16>("activation", x)?;
     pointwise(m, "ew_activation", x.shape(), |_| {
         Ok(vec![
@@ -278,4 +281,77 @@ pub(crate) fn split<M: Memory>(
             m.tensor(out, &shape)
         })
         .collect()
+}
+
+pub(crate) fn activation_backward<M: Memory>(
+    m: &M,
+    x: &Tensor,
+    dy: &Tensor,
+    act: Activation,
+) -> Result<Tensor> {
+    const OP: &str = "activation_backward";
+    let code = activation_code(OP, act)?;
+    let (xa, da) = (
+        m.tensor_addr::<bf16>(OP, x)?,
+        m.tensor_addr::<bf16>(OP, dy)?,
+    );
+    pointwise(m, "ew_activation_backward", x.shape(), |_| {
+        Ok(vec![
+            Arg::Ptr(xa),
+            Arg::Ptr(da),
+            Arg::U64(x.numel() as u64),
+            Arg::I32(code),
+        ])
+    })
+}
+
+/// `x`: (..., 2d), `dy`: (..., d) -> dx (..., 2d).
+pub(crate) fn geglu_backward<M: Memory>(
+    m: &M,
+    x: &Tensor,
+    dy: &Tensor,
+    d: usize,
+) -> Result<Tensor> {
+    const OP: &str = "geglu_backward";
+    let (xa, da) = (
+        m.tensor_addr::<bf16>(OP, x)?,
+        m.tensor_addr::<bf16>(OP, dy)?,
+    );
+    let mut out = m.zeros::<bf16>(x.numel())?;
+    let n = dy.numel();
+    if n > 0 {
+        m.launch(&KernelCall {
+            module: MODULE,
+            name: "geglu_backward",
+            grid: grid_1d(n),
+            block: [BLOCK_1D, 1, 1],
+            smem: 0,
+            args: vec![
+                Arg::Ptr(m.addr_mut(&mut out)),
+                Arg::Ptr(xa),
+                Arg::Ptr(da),
+                Arg::U64(n as u64),
+                Arg::I32(d as i32),
+            ],
+        })?;
+    }
+    m.tensor(out, x.shape())
+}
+
+/// The sum of each 2x2 block of `dy`'s trailing (2H, 2W) planes.
+pub(crate) fn upsample_nearest2x_backward<M: Memory>(m: &M, dy: &Tensor) -> Result<Tensor> {
+    let da = m.tensor_addr::<bf16>("upsample_nearest2x_backward", dy)?;
+    let r = dy.rank();
+    let mut shape = dy.shape().to_vec();
+    shape[r - 2] /= 2;
+    shape[r - 1] /= 2;
+    let (h, w) = (shape[r - 2], shape[r - 1]);
+    pointwise(m, "upsample2x_backward", &shape, |_| {
+        Ok(vec![
+            Arg::Ptr(da),
+            Arg::U64((dy.numel() / 4) as u64),
+            Arg::I32(h as i32),
+            Arg::I32(w as i32),
+        ])
+    })
 }

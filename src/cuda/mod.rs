@@ -17,8 +17,9 @@ pub(crate) mod norm;
 pub(crate) use latent::latent_update;
 pub(crate) use memory::Emulated;
 
-/// Where an op on `t` runs its kernel: the GPU holding `t`, the host emulation (a host tensor
-/// inside [`emulated::run`]), or nowhere (a host tensor: the CPU backend).
+/// Where an op on `t` runs its kernel: the GPU holding `t`, the host emulation (a bf16 host
+/// tensor inside [`emulated::run`]: bf16 is what the GPU path computes in, so f32 host work such
+/// as map resizing stays on the CPU there as it does beside a GPU), or nowhere (the CPU backend).
 pub(crate) enum Target<'a> {
     Gpu(&'a Arc<CudaDevice>),
     Emulated,
@@ -27,9 +28,16 @@ pub(crate) enum Target<'a> {
 pub(crate) fn target(t: &Tensor) -> Option<Target<'_>> {
     match t.cuda_device() {
         Some(dev) => Some(Target::Gpu(dev)),
-        None if emulated::active() => Some(Target::Emulated),
+        None if emulated::active() && t.dtype() == DType::BF16 => Some(Target::Emulated),
         None => None,
     }
+}
+
+/// The error for an op's feature that has no kernel yet.
+pub(crate) fn no_kernel(op: &str, what: &str) -> Error {
+    Error::Invalid(format!(
+        "{op}: {what} have no CUDA kernel yet (they run on host tensors)"
+    ))
 }
 
 /// In an op, after its checks: when `$t` has a kernel target, return `$call` run there, with `$m`

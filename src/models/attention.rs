@@ -109,9 +109,12 @@ impl Attention {
             None => Tensor::zeros(
                 &[s.q.shape()[0], self.heads, s.q.shape()[2], s.v.shape()[3]],
                 s.q.dtype(),
-            ),
+            )
+            .to_like(&s.q)?,
         };
-        let cap = match (&s.capture, dmaps) {
+        // The maps' gradient comes from the host (where the maps are resized and classified).
+        let dmaps = dmaps.map(|g| g.to_device_of(&s.q)).transpose()?;
+        let cap = match (&s.capture, dmaps.as_ref()) {
             (Some(c), Some(g)) => Some((c, g)),
             _ => None,
         };

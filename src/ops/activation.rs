@@ -112,6 +112,7 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
 pub fn activation_backward(x: &Tensor, dy: &Tensor, act: Activation) -> Result<Tensor> {
     const OP: &str = "activation_backward";
     same_shape(OP, x, dy)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::activation_backward(m, x, dy, act));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, dyv) = (x.slice::<T>(OP)?, dy.slice::<T>(OP)?);
         let mut dx = vec![T::ZERO; xv.len()];
@@ -166,6 +167,7 @@ pub fn geglu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         ));
     }
     super::same_dtype(OP, x, dy)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::geglu_backward(m, x, dy, d));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, dyv) = (x.slice::<T>(OP)?, dy.slice::<T>(OP)?);
         let mut dx = vec![T::ZERO; xv.len()];

@@ -353,6 +353,15 @@ pub fn conv2d_backward(
             format!("dy {:?}, expected {:?}", dy.shape(), g.out_shape()),
         ));
     }
+    if !weight_grads {
+        crate::cuda::kernel_dispatch!(x, m => Ok(Conv2dGrads {
+            dx: crate::cuda::gemm::conv2d_backward_input(m, x, w, dy, p)?,
+            dw: None,
+            db: None,
+        }));
+    } else if crate::cuda::target(x).is_some() {
+        return Err(crate::cuda::no_kernel(OP, "weight gradients"));
+    }
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, wv, dyv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?, dy.slice::<T>(OP)?);
         let (plane, img) = (g.ho * g.wo, g.cin * g.h * g.w);

@@ -19,18 +19,17 @@ pub fn latent_update(z: &mut Tensor, g: &Tensor, lr: f64) -> Result<bool> {
         )));
     }
     // The kernel writes a new buffer; z adopts it only when g was finite.
-    let on_kernel = match crate::cuda::target(z) {
-        Some(crate::cuda::Target::Gpu(dev)) if !g.is_host() => {
-            Some(crate::cuda::latent_update(&dev.clone(), z, g, lr as f32)?)
-        }
-        Some(crate::cuda::Target::Emulated) if g.is_host() => Some(crate::cuda::latent_update(
-            &crate::cuda::Emulated,
-            z,
-            g,
-            lr as f32,
-        )?),
-        _ => None,
-    };
+    // The latent is f32 (unlike the bf16 activations), so it picks its kernel target itself.
+    let on_kernel =
+        match z.cuda_device() {
+            Some(dev) if !g.is_host() => {
+                Some(crate::cuda::latent_update(&dev.clone(), z, g, lr as f32)?)
+            }
+            None if crate::cuda::emulated::active() && g.is_host() => Some(
+                crate::cuda::latent_update(&crate::cuda::Emulated, z, g, lr as f32)?,
+            ),
+            _ => None,
+        };
     if let Some(result) = on_kernel {
         return Ok(result.map(|updated| *z = updated).is_some());
     }

@@ -288,6 +288,15 @@ pub fn linear_backward(
             format!("dy {:?}, expected {yshape:?}", dy.shape()),
         ));
     }
+    if !weight_grads {
+        crate::cuda::kernel_dispatch!(x, m => Ok(LinearGrads {
+            dx: crate::cuda::gemm::linear_backward_input(m, x, w, dy)?,
+            dw: None,
+            db: None,
+        }));
+    } else if crate::cuda::target(x).is_some() {
+        return Err(crate::cuda::no_kernel(OP, "weight gradients"));
+    }
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, wv, dyv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?, dy.slice::<T>(OP)?);
         let mut dx = vec![T::ZERO; rows * inf];

@@ -216,7 +216,7 @@ pub fn group_norm(
 }
 
 /// Gradients of `sum(group_norm(x, ...) * dy)`; `dgamma`/`dbeta` are present when the forward
-/// had `gamma`/`beta`.
+/// had `gamma`/`beta` (on host tensors; on a GPU only `dx` is computed).
 pub fn group_norm_backward(
     x: &Tensor,
     groups: usize,
@@ -228,6 +228,12 @@ pub fn group_norm_backward(
     const OP: &str = "group_norm_backward";
     let rows = group_rows(OP, x, groups, eps)?;
     check_param(OP, "gamma", x, gamma, x.shape()[1])?;
+    // On a GPU only the input gradient (the frozen-model path): no parameter gradients.
+    crate::cuda::kernel_dispatch!(x, m => Ok(NormGrads {
+        dx: crate::cuda::norm::norm_backward(m, OP, x, &rows, gamma, dy)?,
+        dgamma: None,
+        dbeta: None,
+    }));
     run_backward(OP, rows, x, gamma, has_beta, dy)
 }
 
@@ -256,6 +262,12 @@ pub fn layer_norm_backward(
     const OP: &str = "layer_norm_backward";
     let rows = last_dim_rows(OP, x, true, eps)?;
     check_param(OP, "gamma", x, gamma, rows.n)?;
+    // On a GPU only the input gradient (the frozen-model path): no parameter gradients.
+    crate::cuda::kernel_dispatch!(x, m => Ok(NormGrads {
+        dx: crate::cuda::norm::norm_backward(m, OP, x, &rows, gamma, dy)?,
+        dgamma: None,
+        dbeta: None,
+    }));
     run_backward(OP, rows, x, gamma, has_beta, dy)
 }
 
@@ -279,5 +291,11 @@ pub fn rms_norm_backward(
     const OP: &str = "rms_norm_backward";
     let rows = last_dim_rows(OP, x, false, eps)?;
     check_param(OP, "weight", x, weight, rows.n)?;
+    // On a GPU only the input gradient (the frozen-model path): no parameter gradients.
+    crate::cuda::kernel_dispatch!(x, m => Ok(NormGrads {
+        dx: crate::cuda::norm::norm_backward(m, OP, x, &rows, weight, dy)?,
+        dgamma: None,
+        dbeta: None,
+    }));
     run_backward(OP, rows, x, weight, false, dy)
 }

@@ -57,6 +57,7 @@ pub fn upsample_nearest2x_backward(dy: &Tensor) -> Result<Tensor> {
         ));
     }
     let (h, w) = (h2 / 2, w2 / 2);
+    crate::cuda::kernel_dispatch!(dy, m => crate::cuda::elementwise::upsample_nearest2x_backward(m, dy));
     float_dispatch!(OP, dy.dtype(), T => {
         let dv = dy.slice::<T>(OP)?;
         let mut dx = vec![T::ZERO; dv.len() / 4];

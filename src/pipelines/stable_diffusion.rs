@@ -17,6 +17,7 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::sched::{ddim_invert, DdimScheduler, Inversion};
 use crate::steering::unet_maps::unet_with_maps;
 use crate::tokenizer::Tokenizer;
+use crate::weights::Placement;
 use crate::{ops, Error, Result, Tensor};
 
 pub struct StableDiffusion {
@@ -55,6 +56,13 @@ pub type StepHook<'a> = dyn FnMut(usize, usize, &mut Tensor) -> Result<()> + 'a;
 
 impl StableDiffusion {
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_dir_placed(dir, Placement::default())
+    }
+
+    /// The pipeline with its UNet, the denoiser that sampling and steering call over and over, in
+    /// `placement` (e.g. bf16 on a GPU: `Placement::cuda`). The text encoder and VAE, run once
+    /// an image, stay on the CPU in f32; the UNet takes and returns host f32 tensors either way.
+    pub fn from_dir_placed(dir: impl AsRef<Path>, placement: Placement) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let index = dir.join("model_index.json");
         if !index.is_file() {
@@ -69,7 +77,7 @@ impl StableDiffusion {
         } else {
             None
         };
-        let unet = UNet2DConditionModel::from_dir(dir.join("unet"))?;
+        let unet = UNet2DConditionModel::from_dir_placed(dir.join("unet"), placement)?;
         if vae.is_none() {
             let c = &unet.config;
             if c.in_channels != 3 || c.out_channels != 3 {

@@ -65,6 +65,10 @@ pub struct CollectArgs {
     /// Store the maps as f16 (half the size) instead of f32.
     #[arg(long)]
     pub f16: bool,
+    /// cpu (f32), or cuda / cuda:N: the UNet in bf16 on that GPU (text encoder and VAE stay on
+    /// the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::Device,
 }
 
 fn parse_shard(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -135,7 +139,7 @@ pub fn run(args: &CollectArgs) -> Result<()> {
     opts.classes = parse_classes(&args.classes)?;
     opts.maps_f16 = args.f16;
     opts.validate()?;
-    let pipe = StableDiffusion::from_dir(&args.model)?;
+    let pipe = StableDiffusion::from_dir_placed(&args.model, args.device.placement()?)?;
 
     let bar = ProgressBar::new(0);
     bar.set_style(

@@ -40,6 +40,10 @@ pub struct EvalArgs {
     /// Rows (cases) of the contact sheet.
     #[arg(long, default_value_t = 24)]
     pub sheet_rows: usize,
+    /// cpu (f32), or cuda / cuda:N: the UNet in bf16 on that GPU (text encoder and VAE stay on
+    /// the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::Device,
 }
 
 /// [`EvalSettings`] as flags, defaulting to its values.
@@ -85,7 +89,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => steer::shapes::model::shipped_model_dir()?,
     };
-    let pipe = StableDiffusion::from_dir(&model)?;
+    let pipe = StableDiffusion::from_dir_placed(&model, args.device.placement()?)?;
     let load = |given: &Option<PathBuf>, name: &str| -> Result<Option<RelationClassifier>> {
         match given {
             Some(path) => Ok(Some(RelationClassifier::load(path)?)),

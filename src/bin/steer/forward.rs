@@ -49,8 +49,8 @@ pub struct ForwardArgs {
     /// last_hidden_state, pooler_output; vae-decoder: decoded; vae-encoder: encoded_mean.
     #[arg(long)]
     pub out: PathBuf,
-    /// cpu (f32), or cuda / cuda:N (bf16 weights and activations on that GPU; the UNet forward
-    /// without capture so far). Outputs are written as f32 either way.
+    /// cpu (f32), or cuda / cuda:N (bf16 weights and activations on that GPU; the UNet so far).
+    /// Outputs are written as f32 either way.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }
@@ -159,9 +159,6 @@ fn unet(
     if !(inputs.contains("capture_tokens_0") && inputs.contains("capture_tokens_1")) {
         let out = unet.forward(&sample, t, &context, None, false)?.out;
         return Ok(vec![("out".into(), out)]);
-    }
-    if placement.device.is_some() {
-        return Err(cpu_only("the UNet with map capture (capture_tokens_*)"));
     }
     let words = vec![
         indices(inputs, "capture_tokens_0")?,

@@ -67,6 +67,10 @@ pub struct GenerateArgs {
     /// Refinement passes after the first, per optimised step.
     #[arg(long, default_value_t = 15)]
     pub max_refinements: usize,
+    /// cpu (f32), or cuda / cuda:N: the UNet in bf16 on that GPU (text encoder and VAE stay on
+    /// the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::device::Device,
 }
 
 fn progress_bar(steps: usize) -> ProgressBar {
@@ -94,7 +98,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         }
     };
     let shipped = args.model.is_none();
-    let pipe = StableDiffusion::from_dir(&model)?;
+    let pipe = StableDiffusion::from_dir_placed(&model, args.device.placement()?)?;
     let guidance = args.guidance.unwrap_or(if shipped {
         EvalSettings::default().guidance
     } else {

@@ -18,7 +18,7 @@ use super::resnet::{ResnetBlock2D, ResnetSaved};
 use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::ops::{self, Activation, Capture, Conv2dParams};
 use crate::weights::{read_config, Placement, Weights, WeightsView};
-use crate::{DType, Error, Result, Tensor};
+use crate::{Error, Result, Tensor};
 
 const SAME: Conv2dParams = Conv2dParams {
     stride: 1,
@@ -76,6 +76,9 @@ pub struct UNetOutput {
 
 /// What `backward_to_sample` needs from the forward.
 pub struct Tape {
+    /// The sample as the caller passed it (where the gradient goes back to).
+    input: Tensor,
+    /// The sample where the model runs.
     sample: Tensor,
     layers: Vec<LayerSaved>,
     samplers: Vec<SamplerSaved>,
@@ -379,6 +382,12 @@ impl UNet2DConditionModel {
                 ),
             ));
         }
+        // The model runs where its weights are; the outputs go back where the sample came from.
+        let input = sample;
+        let (sample, context) = (
+            &sample.to_like(&self.conv_in.weight)?,
+            &context.to_like(&self.conv_in.weight)?,
+        );
         let t = Tensor::from_vec(vec![timestep as f32; s[0]], &[s[0]])?;
         let temb = self.time_embedding(&t)?;
         let mut maps = Vec::new();
@@ -403,11 +412,14 @@ impl UNet2DConditionModel {
             if let Some(a) = &l.attention {
                 let (y2, m, ts) = a.forward(&y, context, capture)?;
                 let (hh, ww) = (y.shape()[2], y.shape()[3]);
-                maps.extend(m.into_iter().map(|maps| LayerMaps {
-                    maps,
-                    height: hh,
-                    width: ww,
-                }));
+                for m in m {
+                    // The maps are small: the classifier and their resizing run on the host.
+                    maps.push(LayerMaps {
+                        maps: m.to_host()?,
+                        height: hh,
+                        width: ww,
+                    });
+                }
                 y = y2;
                 attention = Some(ts);
             }
@@ -451,7 +463,7 @@ impl UNet2DConditionModel {
         let out_norm_in = h;
         let out_conv_in =
             ops::activation(&self.conv_norm_out.forward(&out_norm_in)?, Activation::Silu)?;
-        let out = self.conv_out.forward(&out_conv_in)?;
+        let out = self.conv_out.forward(&out_conv_in)?.to_like(input)?;
         if keep_tape {
             samplers.extend(
                 conv_saved
@@ -460,6 +472,7 @@ impl UNet2DConditionModel {
             );
         }
         let tape = keep_tape.then(|| Tape {
+            input: input.clone(),
             sample: sample.clone(),
             layers,
             samplers,
@@ -574,8 +587,11 @@ impl UNet2DConditionModel {
         }
         dh = add_opt(dh, dskips[0].take())?;
         match dh {
-            Some(d) => self.conv_in.backward(&tape.sample, &d),
-            None => Ok(Tensor::zeros(tape.sample.shape(), DType::F32)),
+            Some(d) => self
+                .conv_in
+                .backward(&tape.sample, &d)?
+                .to_like(&tape.input),
+            None => Ok(Tensor::zeros(tape.input.shape(), tape.input.dtype()).to_like(&tape.input)?),
         }
     }
 }
