@@ -67,36 +67,34 @@ __device__ __forceinline__ float neg_inf() { return __uint_as_float(0xff800000u)
 __device__ __forceinline__ float pos_inf() { return __uint_as_float(0x7f800000u); }
 __device__ __forceinline__ int round16(int x) { return (x + 15) & ~15; }
 
-// Rows row0.. of a (nrows, width) bf16 matrix into shared memory: as rows (dst[r * ld + c]) or
-// transposed (dst[c * ld + r]), zero beyond the matrix, `ld_cols` (a multiple of 8) columns.
-// 16-byte global loads when the width allows.
-template <bool TRANSPOSE>
-__device__ __forceinline__ void load_tile(bf16* dst, int ld, const bf16* src, int row0, int rows,
+// Rows row0.. of a (nrows, width) bf16 matrix into shared memory (dst[r * ld + c]), zero beyond
+// the matrix, `ld_cols` (a multiple of 8) columns: with cp.async 16-byte copies when the width
+// allows (the caller commits and waits), else with plain loads.
+__device__ __forceinline__ void load_rows(bf16* dst, int ld, const bf16* src, int row0, int rows,
                                           int nrows, int width, int ld_cols) {
     const int vecs = ld_cols / 8;
+    const bool vec = (width & 7) == 0;
     for (int idx = threadIdx.x; idx < rows * vecs; idx += ATT_THREADS) {
         const int r = idx / vecs, c = (idx % vecs) * 8;
         const bool row_in = row0 + r < nrows;
         const bf16* s = src + (size_t)(row0 + r) * width + c;
-        bf16 e[8];
-        if (row_in && (width & 7) == 0 && c < width) {
-            const uint4 v = *(const uint4*)s;
-            e[0] = (bf16)v.x; e[1] = (bf16)(v.x >> 16); e[2] = (bf16)v.y; e[3] = (bf16)(v.y >> 16);
-            e[4] = (bf16)v.z; e[5] = (bf16)(v.z >> 16); e[6] = (bf16)v.w; e[7] = (bf16)(v.w >> 16);
+        if (vec) {
+            const bool valid = row_in && c < width;
+            cp_async16(dst + r * ld + c, valid ? s : src, valid);
         } else {
 #pragma unroll
-            for (int i = 0; i < 8; ++i) e[i] = (row_in && c + i < width) ? s[i] : (bf16)0;
-        }
-        if (TRANSPOSE) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) dst[(c + i) * ld + r] = e[i];
-        } else {
-            uint4 v;
-            v.x = pack_bf16(e[0], e[1]); v.y = pack_bf16(e[2], e[3]);
-            v.z = pack_bf16(e[4], e[5]); v.w = pack_bf16(e[6], e[7]);
-            *(uint4*)(dst + r * ld + c) = v;
+            for (int i = 0; i < 8; ++i) dst[r * ld + c + i] = (row_in && c + i < width) ? s[i] : (bf16)0;
         }
     }
+}
+
+// load_rows, finished: the data is in shared memory for this thread (a barrier makes it
+// everyone's).
+__device__ __forceinline__ void load_rows_now(bf16* dst, int ld, const bf16* src, int row0,
+                                              int rows, int nrows, int width, int ld_cols) {
+    load_rows(dst, ld, src, row0, rows, nrows, width, ld_cols);
+    cp_async_commit();
+    cp_async_wait<0>();
 }
 
 // Consecutive arrays out of the dynamic shared memory; the host sizes it with the same counts
@@ -125,26 +123,28 @@ __device__ __forceinline__ int capture_index(const int* cap_cols, int ncap, int 
     return -1;
 }
 
-// acc[j] += A B for the first `ncols` / 8 output tiles: A is 16 x kdim as kdim / 16 A fragments
-// in registers, B(k, col) = bt[col * ld + k] (so each B register is one 32-bit shared load).
-template <int NTILES, int KCHUNKS>
-__device__ __forceinline__ void mma_rows(float (*acc)[4], const u32 (*a)[4], const bf16* bt,
+// acc[j] += A B for the first `ncols` / 8 output tiles (ncols a multiple of 16): A is 16 x kdim
+// as kdim / 16 A fragments in registers; B(k, col) is bs[col * ld + k] (K in Q K^T), or with
+// TRANS bs[k * ld + col] (V in P V), loaded two n-tiles at a time with ldmatrix.
+template <bool TRANS, int NTILES, int KCHUNKS>
+__device__ __forceinline__ void mma_rows(float (*acc)[4], const u32 (*a)[4], const bf16* bs,
                                          int ld, int ncols, int kdim) {
 #pragma unroll
     for (int kc = 0; kc < KCHUNKS; ++kc) {
         if (kc * 16 >= kdim) break;
 #pragma unroll
-        for (int j = 0; j < NTILES; ++j) {
-            if (j * 8 >= ncols) break;
-            u32 b[2];
-            load_b_nk(b, bt + j * 8 * ld + kc * 16, ld);
-            mma_bf16_16816(acc[j], a[kc], b, acc[j]);
+        for (int jp = 0; jp < NTILES / 2; ++jp) {
+            if (jp * 16 >= ncols) break;
+            u32 b[4];
+            load_b_pair<TRANS>(b, TRANS ? bs + kc * 16 * ld + jp * 16 : bs + jp * 16 * ld + kc * 16, ld);
+            mma_bf16_16816(acc[2 * jp], a[kc], b, acc[2 * jp]);
+            mma_bf16_16816(acc[2 * jp + 1], a[kc], b + 2, acc[2 * jp + 1]);
         }
     }
 }
 
-// acc (16 x 8 NTILES) = A (16 x K rows of `as`, row stride lda) B, B(k, col) = bs[col * ldb + k],
-// K = `kdim` (a multiple of 16).
+// acc (16 x 8 NTILES) = A B: A the 16 rows of `as` (row stride lda, kdim columns, a multiple of
+// 16), B(k, col) = bs[col * ldb + k].
 template <int NTILES>
 __device__ __forceinline__ void mma_tile(float (*acc)[4], const bf16* as, int lda, const bf16* bs,
                                          int ldb, int kdim) {
@@ -154,14 +154,9 @@ __device__ __forceinline__ void mma_tile(float (*acc)[4], const bf16* as, int ld
 #pragma unroll
     for (int kk = 0; kk < ATT_DMAX / 16; ++kk) {
         if (kk * 16 >= kdim) break;
-        u32 a[4];
-        load_a(a, as + kk * 16, lda);
-#pragma unroll
-        for (int j = 0; j < NTILES; ++j) {
-            u32 b[2];
-            load_b_nk(b, bs + j * 8 * ldb + kk * 16, ldb);
-            mma_bf16_16816(acc[j], a, b, acc[j]);
-        }
+        u32 a[1][4];
+        load_a(a[0], as + kk * 16, lda);
+        mma_rows<false, NTILES, 1>(acc, a, bs + kk * 16, ldb, NTILES * 8, 16);
     }
 }
 
@@ -175,19 +170,26 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     const int bh = blockIdx.y, r0 = blockIdx.x * ATT_BQ;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int dp = round16(d), dvp = round16(dv);
-    const int ldq = dp + ATT_PAD, ldk = ATT_BK + ATT_PAD;
+    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD;
     STEER_DYNAMIC_SHARED(smem);
     char* carve = smem;
     bf16* qs = take_bf16(carve, ATT_BQ * ldq);
-    bf16* ks = take_bf16(carve, ATT_BK * ldq);
-    bf16* vt = take_bf16(carve, dvp * ldk);
+    // Two K and two V tiles: the next tile's copy overlaps this one's arithmetic.
+    bf16* ks0 = take_bf16(carve, ATT_BK * ldq);
+    bf16* ks1 = take_bf16(carve, ATT_BK * ldq);
+    bf16* vs0 = take_bf16(carve, ATT_BK * ldv);
+    bf16* vs1 = take_bf16(carve, ATT_BK * ldv);
     const bool capture = n_words > 0;
     const float scale_log2 = scale * LOG2E;
     q += (size_t)bh * lq * d;
     k += (size_t)bh * lk * d;
     v += (size_t)bh * lk * dv;
 
-    load_tile<false>(qs, ldq, q, r0, ATT_BQ, lq, d, dp);
+    load_rows(qs, ldq, q, r0, ATT_BQ, lq, d, dp);
+    load_rows(ks0, ldq, k, 0, ATT_BK, lk, d, dp);
+    load_rows(vs0, ldv, v, 0, ATT_BK, lk, dv, dvp);
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncthreads();
     u32 qf[ATT_DMAX / 16][4];
 #pragma unroll
@@ -203,17 +205,27 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     for (int j = 0; j < ATT_DMAX / 8; ++j)
         for (int i = 0; i < 4; ++i) acc_o[j][i] = 0.f;
 
-    for (int k0 = 0; k0 < lk; k0 += ATT_BK) {
-        __syncthreads();  // the last tile's K and V are no longer read
-        load_tile<false>(ks, ldq, k, k0, ATT_BK, lk, d, dp);
-        load_tile<true>(vt, ldk, v, k0, ATT_BK, lk, dv, dvp);
+    for (int it = 0, k0 = 0; k0 < lk; ++it, k0 += ATT_BK) {
+        const bool odd = it & 1;
+        const bf16* kcur = odd ? ks1 : ks0;
+        const bf16* vcur = odd ? vs1 : vs0;
+        // Prefetch the next tile into the other buffers (last read before the previous barrier),
+        // then wait for this one.
+        if (k0 + ATT_BK < lk) {
+            load_rows(odd ? ks0 : ks1, ldq, k, k0 + ATT_BK, ATT_BK, lk, d, dp);
+            load_rows(odd ? vs0 : vs1, ldv, v, k0 + ATT_BK, ATT_BK, lk, dv, dvp);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
         __syncthreads();
 
         float s[ATT_BK / 8][4];
 #pragma unroll
         for (int j = 0; j < ATT_BK / 8; ++j)
             for (int i = 0; i < 4; ++i) s[j][i] = 0.f;
-        mma_rows<ATT_BK / 8, ATT_DMAX / 16>(s, qf, ks, ldq, ATT_BK, dp);
+        mma_rows<false, ATT_BK / 8, ATT_DMAX / 16>(s, qf, kcur, ldq, ATT_BK, dp);
 
         float rmax[2] = {neg_inf(), neg_inf()}, rmax_m[2] = {neg_inf(), neg_inf()};
 #pragma unroll
@@ -262,7 +274,8 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
 #pragma unroll
         for (int j = 0; j < ATT_DMAX / 8; ++j)
             for (int i = 0; i < 4; ++i) acc_o[j][i] *= corr[i >> 1];
-        mma_rows<ATT_DMAX / 8, ATT_BK / 16>(acc_o, pf, vt, ldk, dvp, ATT_BK);
+        mma_rows<true, ATT_DMAX / 8, ATT_BK / 16>(acc_o, pf, vcur, ldv, dvp, ATT_BK);
+        __syncthreads();  // this tile's buffers are free for the prefetch two tiles on
     }
 
     const int b_idx = bh / heads, h_idx = bh % heads;
@@ -349,7 +362,8 @@ __device__ __forceinline__ DsRow ds_row(const float* lse, const float* lse_map, 
                  in ? delta[at] : 0.f, in && capture ? delta_map[at] : 0.f};
 }
 
-STEER_KERNEL void __launch_bounds__(ATT_THREADS)
+// (min 1 block an SM: without it ptxas on sm_90 caps this kernel at 128 registers and spills.)
+STEER_KERNEL void __launch_bounds__(ATT_THREADS, 1)
     attention_backward_dq(const bf16* __restrict__ q, const bf16* __restrict__ k,
                           const bf16* __restrict__ v, const bf16* __restrict__ dout,
                           const float* __restrict__ lse, const float* __restrict__ lse_map,
@@ -360,14 +374,13 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     const int bh = blockIdx.y, r0 = blockIdx.x * ATT_BQ;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int dp = round16(d), dvp = round16(dv);
-    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldk = ATT_BKQ + ATT_PAD;
+    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD;
     STEER_DYNAMIC_SHARED(smem);
     char* carve = smem;
     int* colcap = take_i32(carve, ATT_BKQ);
     bf16* qs = take_bf16(carve, ATT_BQ * ldq);
     bf16* dos = take_bf16(carve, ATT_BQ * ldv);
     bf16* ks = take_bf16(carve, ATT_BKQ * ldq);
-    bf16* kt = take_bf16(carve, dp * ldk);
     bf16* vs = take_bf16(carve, ATT_BKQ * ldv);
     const bool capture = ncap > 0;
     const float scale_log2 = scale * LOG2E;
@@ -376,8 +389,8 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     v += (size_t)bh * lk * dv;
     dout += (size_t)bh * lq * dv;
 
-    load_tile<false>(qs, ldq, q, r0, ATT_BQ, lq, d, dp);
-    load_tile<false>(dos, ldv, dout, r0, ATT_BQ, lq, dv, dvp);
+    load_rows_now(qs, ldq, q, r0, ATT_BQ, lq, d, dp);
+    load_rows_now(dos, ldv, dout, r0, ATT_BQ, lq, dv, dvp);
 
     DsRow st[2];
     int row[2];
@@ -393,9 +406,8 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
 
     for (int k0 = 0; k0 < lk; k0 += ATT_BKQ) {
         __syncthreads();
-        load_tile<false>(ks, ldq, k, k0, ATT_BKQ, lk, d, dp);
-        load_tile<true>(kt, ldk, k, k0, ATT_BKQ, lk, d, dp);
-        load_tile<false>(vs, ldv, v, k0, ATT_BKQ, lk, dv, dvp);
+        load_rows_now(ks, ldq, k, k0, ATT_BKQ, lk, d, dp);
+        load_rows_now(vs, ldv, v, k0, ATT_BKQ, lk, dv, dvp);
         if (threadIdx.x < ATT_BKQ) colcap[threadIdx.x] = capture_index(cap_cols, ncap, k0 + threadIdx.x);
         __syncthreads();
 
@@ -417,7 +429,7 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
             dsf[j >> 1][2 * (j & 1)] = pack_bf16(float_to_bf16(ds[0]), float_to_bf16(ds[1]));
             dsf[j >> 1][2 * (j & 1) + 1] = pack_bf16(float_to_bf16(ds[2]), float_to_bf16(ds[3]));
         }
-        mma_rows<ATT_DMAX / 8, ATT_BKQ / 16>(acc_dq, dsf, kt, ldk, dp, ATT_BKQ);
+        mma_rows<true, ATT_DMAX / 8, ATT_BKQ / 16>(acc_dq, dsf, ks, ldq, dp, ATT_BKQ);
     }
 
 #pragma unroll
@@ -445,16 +457,14 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     const int bh = blockIdx.y, kb0 = blockIdx.x * ATT_BKB;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int dp = round16(d), dvp = round16(dv);
-    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD, ldt = ATT_BQB + ATT_PAD;
+    const int ldq = dp + ATT_PAD, ldv = dvp + ATT_PAD;
     STEER_DYNAMIC_SHARED(smem);
     char* carve = smem;
     DsRow* stats = (DsRow*)take_f32(carve, 4 * ATT_BQB);
     bf16* ks = take_bf16(carve, ATT_BKB * ldq);
     bf16* vs = take_bf16(carve, ATT_BKB * ldv);
     bf16* qs = take_bf16(carve, ATT_BQB * ldq);
-    bf16* qt = take_bf16(carve, dp * ldt);
     bf16* dos = take_bf16(carve, ATT_BQB * ldv);
-    bf16* dot = take_bf16(carve, dvp * ldt);
     const bool capture = ncap > 0;
     const float scale_log2 = scale * LOG2E;
     q += (size_t)bh * lq * d;
@@ -462,8 +472,8 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     v += (size_t)bh * lk * dv;
     dout += (size_t)bh * lq * dv;
 
-    load_tile<false>(ks, ldq, k, kb0, ATT_BKB, lk, d, dp);
-    load_tile<false>(vs, ldv, v, kb0, ATT_BKB, lk, dv, dvp);
+    load_rows_now(ks, ldq, k, kb0, ATT_BKB, lk, d, dp);
+    load_rows_now(vs, ldv, v, kb0, ATT_BKB, lk, dv, dvp);
     // This lane's two keys (fragment rows): their captured-column index and map membership.
     int key[2], cidx[2];
     bool in_map[2];
@@ -480,10 +490,8 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
 
     for (int q0 = 0; q0 < lq; q0 += ATT_BQB) {
         __syncthreads();
-        load_tile<false>(qs, ldq, q, q0, ATT_BQB, lq, d, dp);
-        load_tile<true>(qt, ldt, q, q0, ATT_BQB, lq, d, dp);
-        load_tile<false>(dos, ldv, dout, q0, ATT_BQB, lq, dv, dvp);
-        load_tile<true>(dot, ldt, dout, q0, ATT_BQB, lq, dv, dvp);
+        load_rows_now(qs, ldq, q, q0, ATT_BQB, lq, d, dp);
+        load_rows_now(dos, ldv, dout, q0, ATT_BQB, lq, dv, dvp);
         if (threadIdx.x < ATT_BQB) {
             const int qi = q0 + threadIdx.x;
             stats[threadIdx.x] = ds_row(lse, lse_map, delta, delta_map, (size_t)bh * lq + qi, qi < lq, capture);
@@ -512,8 +520,8 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
             dsf[j >> 1][2 * (j & 1)] = pack_bf16(float_to_bf16(ds[0]), float_to_bf16(ds[1]));
             dsf[j >> 1][2 * (j & 1) + 1] = pack_bf16(float_to_bf16(ds[2]), float_to_bf16(ds[3]));
         }
-        mma_rows<ATT_DMAX / 8, ATT_BQB / 16>(acc_dv, pf, dot, ldt, dvp, ATT_BQB);
-        mma_rows<ATT_DMAX / 8, ATT_BQB / 16>(acc_dk, dsf, qt, ldt, dp, ATT_BQB);
+        mma_rows<true, ATT_DMAX / 8, ATT_BQB / 16>(acc_dv, pf, dos, ldv, dvp, ATT_BQB);
+        mma_rows<true, ATT_DMAX / 8, ATT_BQB / 16>(acc_dk, dsf, qs, ldq, dp, ATT_BQB);
     }
 
 #pragma unroll

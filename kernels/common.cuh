@@ -59,26 +59,66 @@ __device__ __forceinline__ void mma_bf16_16816(float d[4], const u32 a[4], const
 #endif
 }
 
+// ldmatrix.x4: four 8x8 bf16 matrices from shared memory; this lane gives the address of row
+// lane % 8 of matrix lane / 8 (16-byte aligned); register j gets matrix j's row lane / 4,
+// columns 2 (lane % 4) + {0, 1} (with TRANS: rows 2 (lane % 4) + {0, 1} of column lane / 4). One
+// instruction for what would be four 32-bit shared loads.
+template <bool TRANS>
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const bf16* row_addr) {
+#ifdef STEER_EMULATE
+    steer_emu::ldmatrix_x4(r, row_addr, TRANS);
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row_addr);
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#endif
+}
+
+// B fragments for two adjacent n-tiles (n, n + 8) of one 16-deep k-chunk, with ldmatrix:
+// from a tile whose element (k, n) is s[n * ld + k] (rows along n: K in Q K^T), or with TRANS from
+// one whose element (k, n) is s[k * ld + n] (rows along k: V in P V). b[0..1] is n-tile n,
+// b[2..3] n-tile n + 8.
+template <bool TRANS>
+__device__ __forceinline__ void load_b_pair(u32 b[4], const bf16* s, int ld) {
+    const int lane = threadIdx.x & 31, mat = lane >> 3, row = lane & 7;
+    // Matrix order: (n-tile 0, k 0-7), (n-tile 0, k 8-15), (n-tile 1, k 0-7), (n-tile 1, k 8-15).
+    const int n_off = (mat >> 1) * 8, k_off = (mat & 1) * 8;
+    ldmatrix_x4<TRANS>(b, TRANS ? s + (k_off + row) * ld + n_off : s + (n_off + row) * ld + k_off);
+}
+
 // Fragment loaders from shared memory (see mma_bf16_16816 for the layouts).
-// A fragment of a row-major bf16 tile: element (r, c) at a[r * ld + c] (r < 16, c < 16).
+// A fragment of a row-major bf16 tile: element (r, c) at a[r * ld + c] (r < 16, c < 16; rows
+// 16-byte aligned), with one ldmatrix: matrices (rows 0-7, 8-15) x (columns 0-7, 8-15) are the
+// fragment's registers 0-3.
 __device__ __forceinline__ void load_a(u32 frag[4], const bf16* a, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-        frag[r] = *(const u32*)(a + (g + 8 * (r & 1)) * ld + 2 * t + 8 * (r >> 1));
+    const int lane = threadIdx.x & 31, mat = lane >> 3, row = lane & 7;
+    ldmatrix_x4<false>(frag, a + ((mat & 1) * 8 + row) * ld + (mat >> 1) * 8);
 }
-// B fragment whose element (k, n) is s[n * ld + k] (k contiguous: one 32-bit load a register).
-__device__ __forceinline__ void load_b_nk(u32 frag[2], const bf16* s, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) frag[r] = *(const u32*)(s + g * ld + 2 * t + 8 * r);
+// Asynchronous 16-byte copy global -> shared (zero-filled when !valid), and its group fences:
+// cp_async_wait<N> waits until at most N committed groups are still in flight.
+__device__ __forceinline__ void cp_async16(bf16* dst, const bf16* src, bool valid) {
+#ifdef STEER_EMULATE
+    steer_emu::cp_async16(dst, src, valid);
+#else
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0));
+#endif
 }
-// B fragment whose element (k, n) is s[k * ld + n] (n contiguous: two 16-bit loads a register).
-__device__ __forceinline__ void load_b_kn(u32 frag[2], const bf16* s, int ld) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-        frag[r] = pack_bf16(s[(2 * t + 8 * r) * ld + g], s[(2 * t + 8 * r + 1) * ld + g]);
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef STEER_EMULATE
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef STEER_EMULATE
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
 }
 
 // Max and sum over the 4 lanes of a quad (the lanes that share a row of an mma fragment).

@@ -173,6 +173,43 @@ inline void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2], cons
     for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
+// ldmatrix.m8n8.x4.b16 (shared memory to registers, one warp): lane i gives the address of row
+// i % 8 of matrix i / 8; register j of lane l receives matrix j's row l / 4, columns
+// 2 (l % 4) + {0, 1}, or with `trans` its rows 2 (l % 4) + {0, 1} of column l / 4 (PTX ISA).
+inline void ldmatrix_x4(uint32_t r[4], const void* row_addr, bool trans) {
+    uint64_t mine;
+    std::memcpy(&mine, &row_addr, 8);
+    const uint32_t words[2] = {uint32_t(mine), uint32_t(mine >> 32)};
+    const unsigned l = lane();
+    warp_exchange(words, 2, [&](unsigned w) {
+        auto row = [&](int lane_of_row) {
+            const uint32_t* s = slot(w, lane_of_row);
+            const uint64_t a = uint64_t(s[0]) | (uint64_t(s[1]) << 32);
+            return reinterpret_cast<const uint16_t*>(a);
+        };
+        for (int j = 0; j < 4; ++j) {
+            uint16_t lo, hi;
+            if (trans) {
+                lo = row(j * 8 + 2 * (l % 4))[l / 4];
+                hi = row(j * 8 + 2 * (l % 4) + 1)[l / 4];
+            } else {
+                lo = row(j * 8 + l / 4)[2 * (l % 4)];
+                hi = row(j * 8 + l / 4)[2 * (l % 4) + 1];
+            }
+            r[j] = uint32_t(lo) | (uint32_t(hi) << 16);
+        }
+    });
+}
+
+// cp.async.cg (16 bytes, global to shared, zero-filled when !valid) completes at once here, so
+// commit_group and wait_group have nothing to wait for.
+inline void cp_async16(void* dst, const void* src, bool valid) {
+    if (valid)
+        std::memcpy(dst, src, 16);
+    else
+        std::memset(dst, 0, 16);
+}
+
 inline void fiber_entry() {
     cur->body();
     cur->fibers[cur_tid].done = true;

@@ -14,7 +14,8 @@
 //
 // gemm_bt launch: 128 threads (4 warps), a 64 x 64 tile of C a block, grid (ceil(N/64),
 // ceil(M/64)); K streams through shared memory 32 at a time (As, Bs: 64 x 40 bf16 each, 10 KiB);
-// each warp owns 16 rows of the tile and all 64 columns: 8 mma.m16n8k16 per 16 of K.
+// each warp owns 16 rows of the tile and all 64 columns: 8 mma.m16n8k16 per 16 of K, operands
+// loaded with ldmatrix.
 // Cost: 2 M N K FLOPs; bytes 2 (M K + N K) (N/64 and M/64 re-reads from L2) + 2 M N.
 // SD2.1's largest (4096 x 1280 x 320 per image) is 3.4 GFLOP: about 4 us at the H100's dense
 // bf16 rate; this simple tiling (scalar-indexed shared loads, no double buffering) reaches a
@@ -70,10 +71,11 @@ STEER_KERNEL void __launch_bounds__(GEMM_THREADS)
             u32 fa[4];
             load_a(fa, as + warp * 16 * GEMM_LD + kk * 16, GEMM_LD);
 #pragma unroll
-            for (int j = 0; j < GEMM_BN / 8; ++j) {
-                u32 fb[2];
-                load_b_nk(fb, bs + j * 8 * GEMM_LD + kk * 16, GEMM_LD);
-                mma_bf16_16816(acc[j], fa, fb, acc[j]);
+            for (int jp = 0; jp < GEMM_BN / 16; ++jp) {
+                u32 fb[4];
+                load_b_pair<false>(fb, bs + jp * 16 * GEMM_LD + kk * 16, GEMM_LD);
+                mma_bf16_16816(acc[2 * jp], fa, fb, acc[2 * jp]);
+                mma_bf16_16816(acc[2 * jp + 1], fa, fb + 2, acc[2 * jp + 1]);
             }
         }
     }

@@ -38,6 +38,7 @@ for line in sys.stdin:
     ;;
 run)
     out=${OUT:-$dir/out}
+    scratch=$(mktemp -d)
     mkdir -p "$out"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     status=0
@@ -47,14 +48,15 @@ run)
     # compute-sanitizer can read the GPU; informational: its verdict is in the log).
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck; do
+            echo "== compute-sanitizer --tool $tool" >>"$out/sanitizer.log"
             timeout 180 compute-sanitizer --tool "$tool" --print-limit 5 "$dir/cuda-tests" \
-                --test-threads=1 attention_forward attention_backward >"$out/sanitizer-$tool.log" 2>&1 ||
-                echo "compute-sanitizer $tool: exit $? (see $out/sanitizer-$tool.log)"
+                --test-threads=1 attention_forward attention_backward >>"$out/sanitizer.log" 2>&1 ||
+                echo "compute-sanitizer $tool: exit $? (see $out/sanitizer.log)"
         done
     fi
     # The CLI on the tiny SD2.1 UNet, against diffusers' f32 output (tolerance as in
     # tests/kernel_cases: 5e-2 for bf16).
-    python3 - "$out" <<'PY' 2>&1 | tee "$out/cli-forward.log" || status=1
+    python3 - "$scratch" <<'PY' 2>&1 | tee "$out/cli-forward.log" || status=1
 import subprocess, sys
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,26 +76,27 @@ PY
     for device in cuda cpu; do
         t0=$(date +%s.%N)
         "$dir/steer" generate "a red circle to the left of a blue square" --device "$device" \
-            --out "$out/shapes-$device.png" >"$out/generate-$device.log" 2>&1 || status=1
+            --out "$out/shapes-$device.png" --report "$scratch/shapes-$device.json" \
+            >>"$out/generate.log" 2>&1 || status=1
         echo "generate --device $device: $(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s wall" |
-            tee -a "$out/generate-$device.log"
+            tee -a "$out/generate.log"
     done
     "$dir/steer-bench" attention --python python3 --json "$out/bench-attention.json" 2>&1 |
-        tee "$out/bench-attention.log" || status=1
+        tee "$scratch/bench-attention.log" || status=1
     echo
     echo "== device check: tests"
-    grep -E '^test .* \.\.\. ' "$out/cuda-tests.log" | sed -E 's/^test //' | awk '{printf "%-55s %s\n", $1, $3}'
+    # With --nocapture a test's output sits between its name and its verdict.
+    awk '/^test .* \.\.\. / { name = $2; if ($NF == "ok" || $NF == "FAILED") { printf "%-55s %s\n", name, $NF; name = "" }; next }
+         name != "" && ($0 == "ok" || $0 == "FAILED") { printf "%-55s %s\n", name, $0; name = "" }' "$out/cuda-tests.log"
     grep -E '^test result:' "$out/cuda-tests.log" || true
     echo "== device check: compute-sanitizer"
-    for f in "$out"/sanitizer-*.log; do
-        [[ -e $f ]] && echo "$(basename "$f"): $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY|error' "$f" | tail -n 2 | tr '\n' ' ')"
-    done
+    grep -E '^== compute|ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer.log" 2>/dev/null || true
     echo "== device check: CLI"
     grep -E 'rel error|Error|error' "$out/cli-forward.log" || true
     echo "== device check: generate (ShapesWorld, steered)"
-    for device in cuda cpu; do tail -n 2 "$out/generate-$device.log"; done
+    grep -E 's wall' "$out/generate.log"
     echo "== device check: attention benchmark"
-    sed -n '/^steer-bench attention/,$p' "$out/bench-attention.log"
+    sed -n '/^steer-bench attention/,$p' "$scratch/bench-attention.log"
     exit $status
     ;;
 *)

@@ -136,9 +136,9 @@ fn forward<M: Memory>(
         lse_map: m.zeros(if t.n_words > 0 { rows } else { 1 })?,
         maps: m.zeros(t.n_words as usize * rows)?,
     };
-    // The shared arrays of attention_forward: Q and K tiles as rows, V transposed.
-    let (ldq, ldk) = (round16(dm.d) + PAD, BK + PAD);
-    let smem = 2 * (BQ * ldq + BK * ldq + round16(dm.dv) * ldk);
+    // The shared arrays of attention_forward: the Q tile, and two K and two V tiles.
+    let (ldq, ldv) = (round16(dm.d) + PAD, round16(dm.dv) + PAD);
+    let smem = 2 * (BQ * ldq + 2 * BK * ldq + 2 * BK * ldv);
     let call = KernelCall {
         module: MODULE,
         name: "attention_forward",
@@ -294,8 +294,7 @@ pub(crate) fn attention_backward<M: Memory>(
         Arg::I32(dm.dv as i32),
         Arg::F32(scale as f32),
     ];
-    let (dp, dvp) = (round16(dm.d), round16(dm.dv));
-    let (ldq, ldv) = (dp + PAD, dvp + PAD);
+    let (ldq, ldv) = (round16(dm.d) + PAD, round16(dm.dv) + PAD);
 
     let mut dq = m.zeros::<bf16>(rows * dm.d)?;
     let mut args = common.to_vec();
@@ -305,9 +304,8 @@ pub(crate) fn attention_backward<M: Memory>(
         name: "attention_backward_dq",
         grid: grid(dm.lq, BQ, &dm),
         block: [THREADS, 1, 1],
-        // colcap; Q and dO rows; a K tile as rows and transposed; V rows.
-        smem: (4 * BKQ + 2 * (BQ * ldq + BQ * ldv + BKQ * ldq + dp * (BKQ + PAD) + BKQ * ldv))
-            as u32,
+        // colcap; the Q and dO tiles; a K and a V tile.
+        smem: (4 * BKQ + 2 * (BQ * ldq + BQ * ldv + BKQ * ldq + BKQ * ldv)) as u32,
         args,
     })?;
 
@@ -323,14 +321,8 @@ pub(crate) fn attention_backward<M: Memory>(
             name: "attention_backward_dkdv",
             grid: grid(dm.lk, BKB, &dm),
             block: [THREADS, 1, 1],
-            // Row statistics; K and V rows; a Q and a dO tile as rows and transposed.
-            smem: (4 * 4 * BQB
-                + 2 * (BKB * ldq
-                    + BKB * ldv
-                    + BQB * ldq
-                    + dp * (BQB + PAD)
-                    + BQB * ldv
-                    + dvp * (BQB + PAD))) as u32,
+            // Row statistics; the K and V tiles; a Q and a dO tile.
+            smem: (4 * 4 * BQB + 2 * (BKB * ldq + BKB * ldv + BQB * ldq + BQB * ldv)) as u32,
             args,
         })?;
         (
