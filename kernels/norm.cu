@@ -35,6 +35,21 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return total;
 }
 
+// The row's mean (0 without centering) and 1 / sqrt(var + eps), for every thread of the block.
+__device__ __forceinline__ void row_stats(const bf16* xr, long long n, int center, float eps,
+                                          float* scratch, float& mean, float& rstd) {
+    float s = 0.f;
+    if (center)
+        for (long long e = threadIdx.x; e < n; e += NORM_THREADS) s += bf16_to_float(xr[e]);
+    mean = center ? block_sum(s, scratch) / (float)n : 0.f;
+    float q = 0.f;
+    for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
+        const float dx = bf16_to_float(xr[e]) - mean;
+        q += dx * dx;
+    }
+    rstd = 1.f / sqrtf(block_sum(q, scratch) / (float)n + eps);
+}
+
 STEER_KERNEL void __launch_bounds__(NORM_THREADS)
     norm_rows(bf16* __restrict__ out, const bf16* __restrict__ x,
               const bf16* __restrict__ gamma, const bf16* __restrict__ beta, long long n,
@@ -43,16 +58,8 @@ STEER_KERNEL void __launch_bounds__(NORM_THREADS)
     const size_t row = blockIdx.x;
     const bf16* xr = x + row * n;
     bf16* yr = out + row * n;
-    float s = 0.f;
-    if (center)
-        for (long long e = threadIdx.x; e < n; e += NORM_THREADS) s += bf16_to_float(xr[e]);
-    const float mean = center ? block_sum(s, scratch) / (float)n : 0.f;
-    float q = 0.f;
-    for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
-        const float dx = bf16_to_float(xr[e]) - mean;
-        q += dx * dx;
-    }
-    const float rstd = 1.f / sqrtf(block_sum(q, scratch) / (float)n + eps);
+    float mean, rstd;
+    row_stats(xr, n, center, eps, scratch, mean, rstd);
     const int c0 = (int)(row % groups) * per_row;
     for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
         const int c = c0 + (int)(e / span);
@@ -74,16 +81,8 @@ STEER_KERNEL void __launch_bounds__(NORM_THREADS)
     const bf16* dyr = dy + row * n;
     bf16* dxr = dx + row * n;
     const int c0 = (int)(row % groups) * per_row;
-    float s = 0.f;
-    if (center)
-        for (long long e = threadIdx.x; e < n; e += NORM_THREADS) s += bf16_to_float(xr[e]);
-    const float mean = center ? block_sum(s, scratch) / (float)n : 0.f;
-    float q = 0.f;
-    for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
-        const float d = bf16_to_float(xr[e]) - mean;
-        q += d * d;
-    }
-    const float rstd = 1.f / sqrtf(block_sum(q, scratch) / (float)n + eps);
+    float mean, rstd;
+    row_stats(xr, n, center, eps, scratch, mean, rstd);
     float sg = 0.f, sgx = 0.f;
     for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
         const float g = bf16_to_float(dyr[e]) * (gamma ? bf16_to_float(gamma[c0 + (int)(e / span)]) : 1.f);

@@ -9,7 +9,9 @@ use half::bf16;
 use super::launch::{Arg, KernelCall};
 use super::memory::Memory;
 use crate::error::{Error, Result};
-use crate::ops::attention::{check_capture, dims, AttentionGrads, AttentionOutput, Capture, Dims};
+use crate::ops::attention::{
+    check_backward_shapes, check_capture, dims, AttentionGrads, AttentionOutput, Capture, Dims,
+};
 use crate::Tensor;
 
 const MODULE: &str = "attention";
@@ -215,24 +217,9 @@ pub(crate) fn attention_backward<M: Memory>(
 ) -> Result<AttentionGrads> {
     const OP: &str = "attention_backward (CUDA kernel)";
     let dm = check(OP, q, k, v, capture.map(|(c, _)| c))?;
-    let oshape = [dm.b, dm.h, dm.lq, dm.dv];
-    if dout.shape() != oshape {
-        return Err(Error::shape(
-            OP,
-            format!("dout {:?}, expected {oshape:?}", dout.shape()),
-        ));
-    }
+    check_backward_shapes(OP, &dm, dout, capture)?;
     let dmaps = match capture {
-        Some((c, g)) => {
-            let mshape = [dm.b, c.words.len(), dm.h, dm.lq];
-            if g.shape() != mshape {
-                return Err(Error::shape(
-                    OP,
-                    format!("dmaps {:?}, expected {mshape:?}", g.shape()),
-                ));
-            }
-            m.tensor_addr::<f32>(OP, g)?
-        }
+        Some((_, g)) => m.tensor_addr::<f32>(OP, g)?,
         None => 0,
     };
     let t = Tables::new(m, capture.map(|(c, _)| c), dm.lk)?;

@@ -3,11 +3,12 @@
 
 use half::bf16;
 
-use super::launch::{grid_1d, Arg, KernelCall, Strides6, BLOCK_1D};
+use super::launch::{Arg, KernelCall, Strides6};
 use super::memory::Memory;
 use crate::error::{Error, Result};
 use crate::ops::elementwise::BinOp;
 use crate::ops::Activation;
+use crate::tensor::contiguous_strides;
 use crate::Tensor;
 
 const MODULE: &str = "elementwise";
@@ -25,14 +26,7 @@ fn pointwise<M: Memory>(
     let mut all = vec![Arg::Ptr(m.addr_mut(&mut out))];
     all.extend(args(m)?);
     if n > 0 {
-        m.launch(&KernelCall {
-            module: MODULE,
-            name,
-            grid: grid_1d(n),
-            block: [BLOCK_1D, 1, 1],
-            smem: 0,
-            args: all,
-        })?;
+        m.launch(&KernelCall::grid_stride(MODULE, name, n, all))?;
     }
     m.tensor(out, shape)
 }
@@ -142,15 +136,6 @@ pub(crate) fn upsample_nearest2x<M: Memory>(m: &M, x: &Tensor) -> Result<Tensor>
     })
 }
 
-/// Row-major strides of `shape`.
-fn contiguous(shape: &[usize]) -> Vec<usize> {
-    let mut s = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        s[i] = s[i + 1] * shape[i + 1];
-    }
-    s
-}
-
 /// `shape` with its destination and source strides, right-aligned into the kernel's rank 6.
 fn strides6(op: &'static str, shape: &[usize], dst: &[usize], src: &[usize]) -> Result<Strides6> {
     let r = shape.len();
@@ -187,19 +172,17 @@ fn copy<M: Memory>(
     if n == 0 {
         return Ok(());
     }
-    m.launch(&KernelCall {
-        module: MODULE,
-        name: "copy_strided",
-        grid: grid_1d(n),
-        block: [BLOCK_1D, 1, 1],
-        smem: 0,
-        args: vec![
+    m.launch(&KernelCall::grid_stride(
+        MODULE,
+        "copy_strided",
+        n,
+        vec![
             Arg::Ptr(dst),
             Arg::Ptr(src),
             Arg::U64(n as u64),
             Arg::Strides(strides6(op, shape, dst_strides, src_strides)?),
         ],
-    })
+    ))
 }
 
 const BF16_BYTES: u64 = 2;
@@ -208,14 +191,14 @@ const BF16_BYTES: u64 = 2;
 pub(crate) fn permute<M: Memory>(m: &M, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let xa = m.tensor_addr::<bf16>("permute", x)?;
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
-    let in_strides = contiguous(x.shape());
+    let in_strides = contiguous_strides(x.shape());
     let src: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
     let mut out = m.zeros::<bf16>(x.numel())?;
     copy(
         m,
         "permute",
         m.addr_mut(&mut out),
-        &contiguous(&shape),
+        &contiguous_strides(&shape),
         xa,
         &src,
         &shape,
@@ -232,7 +215,7 @@ pub(crate) fn concat<M: Memory>(
 ) -> Result<Tensor> {
     let mut out = m.zeros::<bf16>(shape.iter().product())?;
     let base = m.addr_mut(&mut out);
-    let dst = contiguous(shape);
+    let dst = contiguous_strides(shape);
     let mut start = 0;
     for x in xs {
         let xa = m.tensor_addr::<bf16>("concat", x)?;
@@ -243,7 +226,7 @@ pub(crate) fn concat<M: Memory>(
             base + offset,
             &dst,
             xa,
-            &contiguous(x.shape()),
+            &contiguous_strides(x.shape()),
             x.shape(),
         )?;
         start += x.shape()[axis];
@@ -259,7 +242,7 @@ pub(crate) fn split<M: Memory>(
     sizes: &[usize],
 ) -> Result<Vec<Tensor>> {
     let xa = m.tensor_addr::<bf16>("split", x)?;
-    let src = contiguous(x.shape());
+    let src = contiguous_strides(x.shape());
     let mut start = 0;
     sizes
         .iter()
@@ -272,7 +255,7 @@ pub(crate) fn split<M: Memory>(
                 m,
                 "split",
                 m.addr_mut(&mut out),
-                &contiguous(&shape),
+                &contiguous_strides(&shape),
                 xa + offset,
                 &src,
                 &shape,
@@ -320,20 +303,18 @@ pub(crate) fn geglu_backward<M: Memory>(
     let mut out = m.zeros::<bf16>(x.numel())?;
     let n = dy.numel();
     if n > 0 {
-        m.launch(&KernelCall {
-            module: MODULE,
-            name: "geglu_backward",
-            grid: grid_1d(n),
-            block: [BLOCK_1D, 1, 1],
-            smem: 0,
-            args: vec![
+        m.launch(&KernelCall::grid_stride(
+            MODULE,
+            "geglu_backward",
+            n,
+            vec![
                 Arg::Ptr(m.addr_mut(&mut out)),
                 Arg::Ptr(xa),
                 Arg::Ptr(da),
                 Arg::U64(n as u64),
                 Arg::I32(d as i32),
             ],
-        })?;
+        ))?;
     }
     m.tensor(out, x.shape())
 }

@@ -3,7 +3,7 @@
 
 use half::bf16;
 
-use super::launch::{grid_1d, Arg, KernelCall, BLOCK_1D};
+use super::launch::{Arg, KernelCall};
 use super::memory::Memory;
 use crate::error::{Error, Result};
 use crate::ops::Conv2dParams;
@@ -68,6 +68,25 @@ fn gemm_bt<M: Memory>(
     })
 }
 
+/// A fresh (rows, n) product A B^T + bias (NCHW with `hw` > 0): see `gemm_bt`.
+#[allow(clippy::too_many_arguments)]
+fn times_weight<M: Memory>(
+    m: &M,
+    a: u64,
+    b: u64,
+    layout: BLayout,
+    bias: u64,
+    dims: (usize, usize, usize),
+    hw: usize,
+) -> Result<M::Buf<bf16>> {
+    let (rows, n, _) = dims;
+    let mut c = m.zeros::<bf16>(rows * n)?;
+    if rows * n > 0 {
+        gemm_bt(m, m.addr_mut(&mut c), a, b, layout, bias, dims, hw)?;
+    }
+    Ok(c)
+}
+
 /// `ops::linear`: x (..., in) with w (out, in) and bias (out).
 pub(crate) fn linear<M: Memory>(
     m: &M,
@@ -82,20 +101,15 @@ pub(crate) fn linear<M: Memory>(
     let ba = b.map_or(Ok(0), |b| m.tensor_addr::<bf16>(OP, b))?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = outf;
-    let mut out = m.zeros::<bf16>(rows * outf)?;
-    if rows * outf > 0 {
-        let layout = BLayout::Rows { k: inf };
-        gemm_bt(
-            m,
-            m.addr_mut(&mut out),
-            xa,
-            wa,
-            layout,
-            ba,
-            (rows, outf, inf),
-            0,
-        )?;
-    }
+    let out = times_weight(
+        m,
+        xa,
+        wa,
+        BLayout::Rows { k: inf },
+        ba,
+        (rows, outf, inf),
+        0,
+    )?;
     m.tensor(out, &shape)
 }
 
@@ -108,42 +122,28 @@ pub(crate) fn conv2d<M: Memory>(
     p: Conv2dParams,
 ) -> Result<Tensor> {
     const OP: &str = "conv2d";
-    let (bs, c, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
-    let (o, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
-    let (oh, ow) = out_size(h, wd, kh, kw, p);
+    let (g, o) = (Geometry::new(x, w, p), w.shape()[0]);
     let (xa, wa) = (m.tensor_addr::<bf16>(OP, x)?, m.tensor_addr::<bf16>(OP, w)?);
     let ba = b.map_or(Ok(0), |b| m.tensor_addr::<bf16>(OP, b))?;
-    let (rows, kdim) = (bs * oh * ow, c * kh * kw);
+    let (rows, kdim) = (g.rows(), g.kdim());
     let mut col = m.zeros::<bf16>(rows * kdim)?;
-    let geo = Geometry {
-        c,
-        h,
-        w: wd,
-        kh,
-        kw,
-        p,
-        oh,
-        ow,
-    };
-    patches(m, "im2col", m.addr_mut(&mut col), xa, &geo, rows * kdim)?;
-    let mut out = m.zeros::<bf16>(bs * o * oh * ow)?;
-    if rows * o > 0 {
-        let layout = BLayout::Rows { k: kdim };
-        let (oa, ca) = (m.addr_mut(&mut out), m.addr(&col));
-        gemm_bt(m, oa, ca, wa, layout, ba, (rows, o, kdim), oh * ow)?;
-    }
-    m.tensor(out, &[bs, o, oh, ow])
+    patches(m, "im2col", m.addr_mut(&mut col), xa, &g, rows * kdim)?;
+    let ca = m.addr(&col);
+    let out = times_weight(
+        m,
+        ca,
+        wa,
+        BLayout::Rows { k: kdim },
+        ba,
+        (rows, o, kdim),
+        g.oh * g.ow,
+    )?;
+    m.tensor(out, &[g.batch, o, g.oh, g.ow])
 }
 
-fn out_size(h: usize, w: usize, kh: usize, kw: usize, p: Conv2dParams) -> (usize, usize) {
-    (
-        (h + 2 * p.padding - kh) / p.stride + 1,
-        (w + 2 * p.padding - kw) / p.stride + 1,
-    )
-}
-
-/// One image's convolution geometry, as im2col and col2im take it.
+/// A convolution's geometry, as im2col and col2im take it.
 struct Geometry {
+    batch: usize,
     c: usize,
     h: usize,
     w: usize,
@@ -152,6 +152,35 @@ struct Geometry {
     p: Conv2dParams,
     oh: usize,
     ow: usize,
+}
+
+impl Geometry {
+    /// x (B, C, H, W) and w (O, C, kh, kw), as `ops::conv2d` checked them.
+    fn new(x: &Tensor, w: &Tensor, p: Conv2dParams) -> Geometry {
+        let (s, ws) = (x.shape(), w.shape());
+        let (h, wd, kh, kw) = (s[2], s[3], ws[2], ws[3]);
+        Geometry {
+            batch: s[0],
+            c: s[1],
+            h,
+            w: wd,
+            kh,
+            kw,
+            p,
+            oh: (h + 2 * p.padding - kh) / p.stride + 1,
+            ow: (wd + 2 * p.padding - kw) / p.stride + 1,
+        }
+    }
+
+    /// Rows of the patch matrix (output pixels of all images).
+    fn rows(&self) -> usize {
+        self.batch * self.oh * self.ow
+    }
+
+    /// Columns of the patch matrix (one patch).
+    fn kdim(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
 }
 
 /// im2col (x -> col) or col2im (col -> x) over `n` output elements.
@@ -166,13 +195,11 @@ fn patches<M: Memory>(
     if n == 0 {
         return Ok(());
     }
-    m.launch(&KernelCall {
-        module: MODULE,
+    m.launch(&KernelCall::grid_stride(
+        MODULE,
         name,
-        grid: grid_1d(n),
-        block: [BLOCK_1D, 1, 1],
-        smem: 0,
-        args: vec![
+        n,
+        vec![
             Arg::Ptr(dst),
             Arg::Ptr(src),
             Arg::I32(g.c as i32),
@@ -186,7 +213,7 @@ fn patches<M: Memory>(
             Arg::I32(g.ow as i32),
             Arg::U64(n as u64),
         ],
-    })
+    ))
 }
 
 /// The input gradient of `ops::linear`: dx = dy w, (..., out) -> (..., in).
@@ -203,20 +230,8 @@ pub(crate) fn linear_backward_input<M: Memory>(
         m.tensor_addr::<bf16>(OP, dy)?,
         m.tensor_addr::<bf16>(OP, w)?,
     );
-    let mut dx = m.zeros::<bf16>(rows * inf)?;
-    if rows * inf > 0 {
-        let layout = BLayout::Transposed { inner: inf };
-        gemm_bt(
-            m,
-            m.addr_mut(&mut dx),
-            da,
-            wa,
-            layout,
-            0,
-            (rows, inf, outf),
-            0,
-        )?;
-    }
+    let layout = BLayout::Transposed { inner: inf };
+    let dx = times_weight(m, da, wa, layout, 0, (rows, inf, outf), 0)?;
     m.tensor(dx, x.shape())
 }
 
@@ -230,46 +245,22 @@ pub(crate) fn conv2d_backward_input<M: Memory>(
     p: Conv2dParams,
 ) -> Result<Tensor> {
     const OP: &str = "conv2d_backward";
-    let (bs, c, h, wd) = (x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]);
-    let (o, kh, kw) = (w.shape()[0], w.shape()[2], w.shape()[3]);
-    let (oh, ow) = out_size(h, wd, kh, kw, p);
-    let (rows, kdim) = (bs * oh * ow, c * kh * kw);
+    let (g, o) = (Geometry::new(x, w, p), w.shape()[0]);
+    let (rows, kdim) = (g.rows(), g.kdim());
     let dy_rows = super::elementwise::permute(m, dy, &[0, 2, 3, 1])?;
     let (da, wa) = (
         m.tensor_addr::<bf16>(OP, &dy_rows)?,
         m.tensor_addr::<bf16>(OP, w)?,
     );
-    let mut dcol = m.zeros::<bf16>(rows * kdim)?;
-    if rows * kdim > 0 {
-        let layout = BLayout::Transposed { inner: kdim };
-        gemm_bt(
-            m,
-            m.addr_mut(&mut dcol),
-            da,
-            wa,
-            layout,
-            0,
-            (rows, kdim, o),
-            0,
-        )?;
-    }
+    let layout = BLayout::Transposed { inner: kdim };
+    let dcol = times_weight(m, da, wa, layout, 0, (rows, kdim, o), 0)?;
     let mut dx = m.zeros::<bf16>(x.numel())?;
-    let geo = Geometry {
-        c,
-        h,
-        w: wd,
-        kh,
-        kw,
-        p,
-        oh,
-        ow,
-    };
     patches(
         m,
         "col2im",
         m.addr_mut(&mut dx),
         m.addr(&dcol),
-        &geo,
+        &g,
         x.numel(),
     )?;
     m.tensor(dx, x.shape())

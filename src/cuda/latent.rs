@@ -1,6 +1,6 @@
 //! Host side of kernels/latent.cu, for any [`Memory`] (the GPU or the emulation).
 
-use super::launch::{grid_1d, Arg, KernelCall, BLOCK_1D};
+use super::launch::{Arg, KernelCall};
 use super::memory::Memory;
 use crate::error::Result;
 use crate::Tensor;
@@ -20,13 +20,11 @@ pub(crate) fn latent_update<M: Memory>(
     let mut out = m.zeros::<f32>(n)?;
     let mut flag = m.zeros::<i32>(1)?;
     if n > 0 {
-        m.launch(&KernelCall {
-            module: "latent",
-            name: "latent_update",
-            grid: grid_1d(n),
-            block: [BLOCK_1D, 1, 1],
-            smem: 0,
-            args: vec![
+        m.launch(&KernelCall::grid_stride(
+            "latent",
+            "latent_update",
+            n,
+            vec![
                 Arg::Ptr(m.addr_mut(&mut out)),
                 Arg::Ptr(za),
                 Arg::Ptr(ga),
@@ -34,7 +32,7 @@ pub(crate) fn latent_update<M: Memory>(
                 Arg::U64(n as u64),
                 Arg::Ptr(m.addr_mut(&mut flag)),
             ],
-        })?;
+        ))?;
     }
     if m.download(&flag)?[0] != 0 {
         return Ok(None);

@@ -46,12 +46,12 @@ pub(crate) struct Strides6 {
 unsafe impl cudarc::driver::DeviceRepr for Strides6 {}
 
 /// Threads a block of the 1-D grid-stride kernels.
-pub(crate) const BLOCK_1D: u32 = 256;
+const BLOCK_1D: u32 = 256;
 /// Enough blocks to fill the largest GPU; the kernels' grid-stride loops cover the rest.
 const MAX_BLOCKS_1D: usize = 4096;
 
 /// The grid of a 1-D grid-stride kernel over `n` elements.
-pub(crate) fn grid_1d(n: usize) -> [u32; 3] {
+fn grid_1d(n: usize) -> [u32; 3] {
     [
         n.div_ceil(BLOCK_1D as usize).clamp(1, MAX_BLOCKS_1D) as u32,
         1,
@@ -72,6 +72,23 @@ pub(crate) struct KernelCall {
 }
 
 impl KernelCall {
+    /// A 1-D grid-stride kernel over `n` elements (BLOCK_1D threads a block).
+    pub(crate) fn grid_stride(
+        module: &'static str,
+        name: &'static str,
+        n: usize,
+        args: Vec<Arg>,
+    ) -> KernelCall {
+        KernelCall {
+            module,
+            name,
+            grid: grid_1d(n),
+            block: [BLOCK_1D, 1, 1],
+            smem: 0,
+            args,
+        }
+    }
+
     /// Runs the call on the GPU, on the device's stream (asynchronously).
     pub(crate) fn launch_gpu(&self, dev: &CudaDevice) -> Result<()> {
         let err = driver_err(self.name);

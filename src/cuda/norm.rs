@@ -9,6 +9,45 @@ use crate::error::Result;
 use crate::ops::norm::Rows;
 use crate::Tensor;
 
+/// One block a row: `name` writes a fresh tensor like `x`; `lead` are its arguments between the
+/// output and the row description.
+fn launch_rows<M: Memory>(
+    m: &M,
+    name: &'static str,
+    x: &Tensor,
+    rows: &Rows,
+    lead: Vec<Arg>,
+) -> Result<Tensor> {
+    let count = x.numel() / rows.n.max(1);
+    let mut out = m.zeros::<bf16>(x.numel())?;
+    let mut args = vec![Arg::Ptr(m.addr_mut(&mut out))];
+    args.extend(lead);
+    args.extend([
+        Arg::I64(rows.n as i64),
+        Arg::I32(rows.blocks as i32),
+        Arg::I32((rows.n / rows.per) as i32),
+        Arg::I64(rows.per as i64),
+        Arg::I32(rows.center as i32),
+        Arg::F32(rows.eps as f32),
+    ]);
+    if count > 0 {
+        m.launch(&KernelCall {
+            module: "norm",
+            name,
+            grid: [count as u32, 1, 1],
+            block: [256, 1, 1],
+            smem: 0,
+            args,
+        })?;
+    }
+    m.tensor(out, x.shape())
+}
+
+/// The address of an optional parameter (0: none).
+fn param<M: Memory>(m: &M, op: &'static str, p: Option<&Tensor>) -> Result<u64> {
+    p.map_or(Ok(0), |p| m.tensor_addr::<bf16>(op, p))
+}
+
 pub(crate) fn norm<M: Memory>(
     m: &M,
     op: &'static str,
@@ -17,33 +56,12 @@ pub(crate) fn norm<M: Memory>(
     gamma: Option<&Tensor>,
     beta: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let xa = m.tensor_addr::<bf16>(op, x)?;
-    let param = |p: Option<&Tensor>| p.map_or(Ok(0), |p| m.tensor_addr::<bf16>(op, p));
-    let (ga, ba) = (param(gamma)?, param(beta)?);
-    let count = x.numel() / rows.n.max(1);
-    let mut out = m.zeros::<bf16>(x.numel())?;
-    if count > 0 {
-        m.launch(&KernelCall {
-            module: "norm",
-            name: "norm_rows",
-            grid: [count as u32, 1, 1],
-            block: [256, 1, 1],
-            smem: 0,
-            args: vec![
-                Arg::Ptr(m.addr_mut(&mut out)),
-                Arg::Ptr(xa),
-                Arg::Ptr(ga),
-                Arg::Ptr(ba),
-                Arg::I64(rows.n as i64),
-                Arg::I32(rows.blocks as i32),
-                Arg::I32((rows.n / rows.per) as i32),
-                Arg::I64(rows.per as i64),
-                Arg::I32(rows.center as i32),
-                Arg::F32(rows.eps as f32),
-            ],
-        })?;
-    }
-    m.tensor(out, x.shape())
+    let lead = vec![
+        Arg::Ptr(m.tensor_addr::<bf16>(op, x)?),
+        Arg::Ptr(param(m, op, gamma)?),
+        Arg::Ptr(param(m, op, beta)?),
+    ];
+    launch_rows(m, "norm_rows", x, rows, lead)
 }
 
 /// The input gradient of `norm` (no parameter gradients).
@@ -55,33 +73,10 @@ pub(crate) fn norm_backward<M: Memory>(
     gamma: Option<&Tensor>,
     dy: &Tensor,
 ) -> Result<Tensor> {
-    let (xa, da) = (
-        m.tensor_addr::<bf16>(op, x)?,
-        m.tensor_addr::<bf16>(op, dy)?,
-    );
-    let ga = gamma.map_or(Ok(0), |p| m.tensor_addr::<bf16>(op, p))?;
-    let count = x.numel() / rows.n.max(1);
-    let mut out = m.zeros::<bf16>(x.numel())?;
-    if count > 0 {
-        m.launch(&KernelCall {
-            module: "norm",
-            name: "norm_rows_backward",
-            grid: [count as u32, 1, 1],
-            block: [256, 1, 1],
-            smem: 0,
-            args: vec![
-                Arg::Ptr(m.addr_mut(&mut out)),
-                Arg::Ptr(xa),
-                Arg::Ptr(da),
-                Arg::Ptr(ga),
-                Arg::I64(rows.n as i64),
-                Arg::I32(rows.blocks as i32),
-                Arg::I32((rows.n / rows.per) as i32),
-                Arg::I64(rows.per as i64),
-                Arg::I32(rows.center as i32),
-                Arg::F32(rows.eps as f32),
-            ],
-        })?;
-    }
-    m.tensor(out, x.shape())
+    let lead = vec![
+        Arg::Ptr(m.tensor_addr::<bf16>(op, x)?),
+        Arg::Ptr(m.tensor_addr::<bf16>(op, dy)?),
+        Arg::Ptr(param(m, op, gamma)?),
+    ];
+    launch_rows(m, "norm_rows_backward", x, rows, lead)
 }

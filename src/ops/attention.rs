@@ -271,6 +271,34 @@ pub fn attention_backward(
     attention_backward_impl(q, k, v, scale, dout, capture, kv_grads, false)
 }
 
+/// The shapes of the backward's extra inputs: `dout` like the output, the maps' gradient like the
+/// maps, and a valid capture.
+pub(crate) fn check_backward_shapes(
+    op: &'static str,
+    dm: &Dims,
+    dout: &Tensor,
+    capture: Option<(&Capture, &Tensor)>,
+) -> Result<()> {
+    let oshape = [dm.b, dm.h, dm.lq, dm.dv];
+    if dout.shape() != oshape {
+        return Err(Error::shape(
+            op,
+            format!("dout {:?}, expected {oshape:?}", dout.shape()),
+        ));
+    }
+    if let Some((c, dmaps)) = capture {
+        check_capture(op, c, dm.lk)?;
+        let mshape = [dm.b, c.words.len(), dm.h, dm.lq];
+        if dmaps.shape() != mshape {
+            return Err(Error::shape(
+                op,
+                format!("dmaps {:?}, expected {mshape:?}", dmaps.shape()),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[allow(clippy::too_many_arguments)]
 fn attention_backward_impl(
     q: &Tensor,
@@ -286,23 +314,9 @@ fn attention_backward_impl(
     let dm = dims(OP, q, k, v)?;
     check_causal(OP, &dm, causal)?;
     same_dtype(OP, q, dout)?;
-    let oshape = [dm.b, dm.h, dm.lq, dm.dv];
-    if dout.shape() != oshape {
-        return Err(Error::shape(
-            OP,
-            format!("dout {:?}, expected {oshape:?}", dout.shape()),
-        ));
-    }
-    if let Some((c, dmaps)) = capture {
-        check_capture(OP, c, dm.lk)?;
+    check_backward_shapes(OP, &dm, dout, capture)?;
+    if let Some((_, dmaps)) = capture {
         same_dtype(OP, q, dmaps)?;
-        let mshape = [dm.b, c.words.len(), dm.h, dm.lq];
-        if dmaps.shape() != mshape {
-            return Err(Error::shape(
-                OP,
-                format!("dmaps {:?}, expected {mshape:?}", dmaps.shape()),
-            ));
-        }
     }
     float_dispatch!(OP, q.dtype(), T => {
         let (qv, kv, vv) = (q.slice::<T>(OP)?, k.slice::<T>(OP)?, v.slice::<T>(OP)?);

@@ -134,10 +134,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::permute(m, x, perm));
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
     // Input strides, read in output order.
-    let mut in_strides = vec![1usize; r];
-    for i in (0..r.saturating_sub(1)).rev() {
-        in_strides[i] = in_strides[i + 1] * x.shape()[i + 1];
-    }
+    let in_strides = crate::tensor::contiguous_strides(x.shape());
     let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
     let n = x.numel();
     let data = per_dtype!(x.host(OP)?, v => {
