@@ -37,8 +37,8 @@
 //
 // Launch: 128 threads; forward and dq grid (ceil(Lq/64), B*H), dkdv grid (ceil(Lk/64), B*H),
 // prep grid (ceil(Lq/128), B*H). Dynamic shared memory sized by the head dim (src/cuda/
-// attention.rs computes the same sizes); at D = 128: forward 52 KiB, dq 69 KiB, dkdv 87 KiB
-// (the host opts in above 48 KiB).
+// attention.rs computes the same sizes); at D = 128: forward 85 KiB (Q, two K and two V tiles),
+// dq 51 KiB, dkdv 52 KiB (the host opts in above 48 KiB).
 //
 // Cost (forward, B*H heads): 4 B H Lq Lk D FLOPs on the tensor cores (QK^T and PV), plus
 // 2 B H Lq Lk exps; bytes: Q, O once, K, V once per query block: 2 B H (2 Lq D + 2 ceil(Lq/64) Lk D)

@@ -322,6 +322,7 @@ inline int launch(void (*kernel)(A...), const unsigned* grid, const unsigned* bl
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
+#define __align__(n) __attribute__((aligned(n)))
 #define threadIdx (::steer_emu::thread_idx())
 #define blockIdx (::steer_emu::block_idx)
 #define blockDim (::steer_emu::cur->block_dim)

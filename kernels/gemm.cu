@@ -51,8 +51,9 @@ STEER_KERNEL void __launch_bounds__(GEMM_THREADS)
     gemm_bt(bf16* __restrict__ c, const bf16* __restrict__ a, const bf16* __restrict__ b,
             const bf16* __restrict__ bias, int m, int n, int k, long long ldb_n, long long ldb_k,
             int hw) {
-    __shared__ u32 as_words[GEMM_BM * GEMM_LD / 2];
-    __shared__ u32 bs_words[GEMM_BN * GEMM_LD / 2];
+    // 16-byte aligned: ldmatrix reads 16-byte rows.
+    __shared__ __align__(16) u32 as_words[GEMM_BM * GEMM_LD / 2];
+    __shared__ __align__(16) u32 bs_words[GEMM_BN * GEMM_LD / 2];
     bf16* as = (bf16*)as_words;
     bf16* bs = (bf16*)bs_words;
     const int n0 = blockIdx.x * GEMM_BN, m0 = blockIdx.y * GEMM_BM;

@@ -108,6 +108,12 @@ fn check(
     if dm.b * dm.h * dm.lq * dm.lk * dm.d * dm.dv == 0 {
         return Err(Error::shape(op, "an empty dimension".to_string()));
     }
+    if dm.lq.max(dm.lk) > i32::MAX as usize {
+        return Err(Error::shape(
+            op,
+            format!("{} queries, {} keys: at most 2^31 - 1", dm.lq, dm.lk),
+        ));
+    }
     if dm.b * dm.h > 65535 {
         return Err(Error::shape(
             op,

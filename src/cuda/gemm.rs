@@ -35,6 +35,13 @@ fn gemm_bt<M: Memory>(
     hw: usize,
 ) -> Result<()> {
     let (rows, n, k) = dims;
+    // The grid's y dimension (row tiles) is at most 65535 on every GPU.
+    if rows.div_ceil(TILE) > 65535 {
+        return Err(Error::shape(
+            "gemm",
+            format!("{rows} rows: at most {} in one product", 65535 * TILE),
+        ));
+    }
     let (ldb_n, ldb_k) = match layout {
         BLayout::Rows { k } => (k, 1),
         BLayout::Transposed { inner } => (1, inner),

@@ -3,7 +3,7 @@
 
 use super::{float_dispatch, same_shape};
 use crate::tensor::Storage;
-use crate::{Error, Float, Result, Tensor};
+use crate::{DType, Error, Float, Result, Tensor};
 
 const OP: &str = "latent_update";
 
@@ -20,16 +20,15 @@ pub fn latent_update(z: &mut Tensor, g: &Tensor, lr: f64) -> Result<bool> {
     }
     // The kernel writes a new buffer; z adopts it only when g was finite.
     // The latent is f32 (unlike the bf16 activations), so it picks its kernel target itself.
-    let on_kernel =
-        match z.cuda_device() {
-            Some(dev) if !g.is_host() => {
-                Some(crate::cuda::latent_update(&dev.clone(), z, g, lr as f32)?)
-            }
-            None if crate::cuda::emulated::active() && g.is_host() => Some(
-                crate::cuda::latent_update(&crate::cuda::Emulated, z, g, lr as f32)?,
-            ),
-            _ => None,
-        };
+    let on_kernel = match z.cuda_device() {
+        Some(dev) if !g.is_host() => {
+            Some(crate::cuda::latent_update(&dev.clone(), z, g, lr as f32)?)
+        }
+        None if crate::cuda::emulated::active() && g.is_host() && z.dtype() == DType::F32 => Some(
+            crate::cuda::latent_update(&crate::cuda::Emulated, z, g, lr as f32)?,
+        ),
+        _ => None,
+    };
     if let Some(result) = on_kernel {
         return Ok(result.map(|updated| *z = updated).is_some());
     }

@@ -176,6 +176,12 @@ fn group_rows(op: &'static str, x: &Tensor, groups: usize, eps: f64) -> Result<R
     }
     let c = x.shape()[1];
     let spatial: usize = x.shape()[2..].iter().product();
+    if spatial == 0 {
+        return Err(Error::shape(
+            op,
+            format!("x {:?} has nothing to normalise", x.shape()),
+        ));
+    }
     Ok(Rows {
         n: c / groups * spatial,
         per: spatial,
@@ -189,6 +195,12 @@ fn last_dim_rows(op: &'static str, x: &Tensor, center: bool, eps: f64) -> Result
     let Some(&d) = x.shape().last() else {
         return Err(Error::shape(op, "x must have rank >= 1, got a scalar"));
     };
+    if d == 0 {
+        return Err(Error::shape(
+            op,
+            format!("x {:?} has nothing to normalise", x.shape()),
+        ));
+    }
     Ok(Rows {
         n: d,
         per: 1,
@@ -228,6 +240,7 @@ pub fn group_norm_backward(
     const OP: &str = "group_norm_backward";
     let rows = group_rows(OP, x, groups, eps)?;
     check_param(OP, "gamma", x, gamma, x.shape()[1])?;
+    super::same_shape(OP, x, dy)?;
     // On a GPU only the input gradient (the frozen-model path): no parameter gradients.
     crate::cuda::kernel_dispatch!(x, m => Ok(NormGrads {
         dx: crate::cuda::norm::norm_backward(m, OP, x, &rows, gamma, dy)?,
@@ -262,6 +275,7 @@ pub fn layer_norm_backward(
     const OP: &str = "layer_norm_backward";
     let rows = last_dim_rows(OP, x, true, eps)?;
     check_param(OP, "gamma", x, gamma, rows.n)?;
+    super::same_shape(OP, x, dy)?;
     // On a GPU only the input gradient (the frozen-model path): no parameter gradients.
     crate::cuda::kernel_dispatch!(x, m => Ok(NormGrads {
         dx: crate::cuda::norm::norm_backward(m, OP, x, &rows, gamma, dy)?,
@@ -291,6 +305,7 @@ pub fn rms_norm_backward(
     const OP: &str = "rms_norm_backward";
     let rows = last_dim_rows(OP, x, false, eps)?;
     check_param(OP, "weight", x, weight, rows.n)?;
+    super::same_shape(OP, x, dy)?;
     // On a GPU only the input gradient (the frozen-model path): no parameter gradients.
     crate::cuda::kernel_dispatch!(x, m => Ok(NormGrads {
         dx: crate::cuda::norm::norm_backward(m, OP, x, &rows, weight, dy)?,

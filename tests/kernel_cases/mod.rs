@@ -125,6 +125,17 @@ fn cases() -> Vec<Case> {
             dv: 128,
             capture: words(vec![vec![4], vec![9, 10]], Some(0..30)),
         },
+        // More than two key tiles (the forward's double buffers are reused), a map range that
+        // starts past 0 and ends mid-tile, head dim 24.
+        Case {
+            b: 1,
+            h: 2,
+            lq: 40,
+            lk: 200,
+            d: 24,
+            dv: 24,
+            capture: words(vec![vec![30], vec![70, 71]], Some(20..150)),
+        },
         // ShapesWorld self-attention: head dim 8.
         Case {
             b: 2,
