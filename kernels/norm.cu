@@ -50,6 +50,12 @@ __device__ __forceinline__ void row_stats(const bf16* xr, long long n, int cente
     rstd = 1.f / sqrtf(block_sum(q, scratch) / (float)n + eps);
 }
 
+// The affine parameter of element e of a row whose first channel is c0 (`absent` without one).
+__device__ __forceinline__ float param_at(const bf16* p, int c0, long long e, long long span,
+                                          float absent) {
+    return p ? bf16_to_float(p[c0 + (int)(e / span)]) : absent;
+}
+
 STEER_KERNEL void __launch_bounds__(NORM_THREADS)
     norm_rows(bf16* __restrict__ out, const bf16* __restrict__ x,
               const bf16* __restrict__ gamma, const bf16* __restrict__ beta, long long n,
@@ -62,11 +68,8 @@ STEER_KERNEL void __launch_bounds__(NORM_THREADS)
     row_stats(xr, n, center, eps, scratch, mean, rstd);
     const int c0 = (int)(row % groups) * per_row;
     for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
-        const int c = c0 + (int)(e / span);
-        float y = (bf16_to_float(xr[e]) - mean) * rstd;
-        if (gamma) y *= bf16_to_float(gamma[c]);
-        if (beta) y += bf16_to_float(beta[c]);
-        yr[e] = float_to_bf16(y);
+        const float y = (bf16_to_float(xr[e]) - mean) * rstd * param_at(gamma, c0, e, span, 1.f);
+        yr[e] = float_to_bf16(y + param_at(beta, c0, e, span, 0.f));
     }
 }
 STEER_EMU_EXPORT(norm_rows)
@@ -85,14 +88,14 @@ STEER_KERNEL void __launch_bounds__(NORM_THREADS)
     row_stats(xr, n, center, eps, scratch, mean, rstd);
     float sg = 0.f, sgx = 0.f;
     for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
-        const float g = bf16_to_float(dyr[e]) * (gamma ? bf16_to_float(gamma[c0 + (int)(e / span)]) : 1.f);
+        const float g = bf16_to_float(dyr[e]) * param_at(gamma, c0, e, span, 1.f);
         sg += g;
         sgx += g * (bf16_to_float(xr[e]) - mean) * rstd;
     }
     const float mg = center ? block_sum(sg, scratch) / (float)n : 0.f;
     const float mgx = block_sum(sgx, scratch) / (float)n;
     for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
-        const float g = bf16_to_float(dyr[e]) * (gamma ? bf16_to_float(gamma[c0 + (int)(e / span)]) : 1.f);
+        const float g = bf16_to_float(dyr[e]) * param_at(gamma, c0, e, span, 1.f);
         const float xhat = (bf16_to_float(xr[e]) - mean) * rstd;
         dxr[e] = float_to_bf16(rstd * (g - mg - xhat * mgx));
     }

@@ -288,7 +288,7 @@ impl Tensor {
 
     /// This tensor in `dtype` on `device` (the host for `None`). Dtype conversions run on the
     /// host, so a GPU tensor that changes dtype makes a round trip.
-    fn to_place(
+    pub(crate) fn to_place(
         &self,
         dtype: DType,
         device: Option<&std::sync::Arc<crate::cuda::CudaDevice>>,
@@ -301,7 +301,13 @@ impl Tensor {
         if same_place && self.dtype() == dtype {
             return Ok(self.clone());
         }
-        let host = self.to_host()?.to_dtype(dtype)?;
+        let host = self.to_host()?;
+        // No copy when only the device changes.
+        let host = if host.dtype() == dtype {
+            host
+        } else {
+            host.to_dtype(dtype)?
+        };
         match device {
             Some(dev) => host.to_cuda(dev),
             None => Ok(host),

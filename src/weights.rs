@@ -48,11 +48,7 @@ impl Placement {
 
     /// `t` converted to this dtype and moved to this device.
     pub fn place(&self, t: &Tensor) -> Result<Tensor> {
-        let t = t.to_dtype(self.dtype)?;
-        match &self.device {
-            Some(dev) => t.to_cuda(dev),
-            None => Ok(t),
-        }
+        t.to_place(self.dtype, self.device.as_ref())
     }
 }
 
@@ -138,10 +134,7 @@ impl Weights {
             ));
         };
         let t = self.files[i].tensor_as(name, shape, self.placement.dtype)?;
-        match &self.placement.device {
-            Some(dev) => t.to_cuda(dev),
-            None => Ok(t),
-        }
+        self.placement.place(&t)
     }
 
     /// A view that prefixes every name with `prefix.`.

@@ -10,7 +10,6 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use clap::Args;
 use serde_json::{json, Value};
@@ -18,7 +17,7 @@ use steer::cuda::CudaDevice;
 use steer::ops::{self, Capture};
 use steer::{DType, Tensor};
 
-use crate::common::{run_python_script, Timing};
+use crate::common::{run_python_script, time_calls, Timing};
 
 const BENCH_ATTENTION_PY: &str = include_str!("../../../tests/reference/bench_attention.py");
 
@@ -121,26 +120,6 @@ impl Case {
     }
 }
 
-fn time_gpu(
-    dev: &CudaDevice,
-    warmup: usize,
-    repeats: usize,
-    mut f: impl FnMut() -> steer::Result<()>,
-) -> steer::Result<Timing> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    dev.synchronize()?;
-    let mut times = Vec::with_capacity(repeats);
-    for _ in 0..repeats {
-        let t0 = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    Ok(Timing::of(&times))
-}
-
 fn time_ours(
     dev: &Arc<CudaDevice>,
     c: &Case,
@@ -154,13 +133,15 @@ fn time_ours(
     let capture = c.capture();
     let dmaps = up(&[c.b, c.words.len().max(1), c.h, c.lq], DType::F32, 5)?;
     let scale = 1.0 / (c.d as f64).sqrt();
-    let fwd = time_gpu(dev, args.warmup, args.repeats, || {
-        ops::attention(&q, &k, &v, scale, capture.as_ref()).map(drop)
+    let fwd = time_calls(args.warmup, args.repeats, || {
+        ops::attention(&q, &k, &v, scale, capture.as_ref())?;
+        dev.synchronize()
     })?;
-    let fwd_bwd = time_gpu(dev, args.warmup, args.repeats, || {
+    let fwd_bwd = time_calls(args.warmup, args.repeats, || {
         ops::attention(&q, &k, &v, scale, capture.as_ref())?;
         let cap = capture.as_ref().map(|cap| (cap, &dmaps));
-        ops::attention_backward(&q, &k, &v, scale, &dout, cap, true).map(drop)
+        ops::attention_backward(&q, &k, &v, scale, &dout, cap, true)?;
+        dev.synchronize()
     })?;
     Ok((fwd, fwd_bwd))
 }

@@ -40,6 +40,25 @@ impl Timing {
     }
 }
 
+/// `warmup` untimed calls of `f`, then the median and minimum wall time of `repeats` calls. A
+/// call must finish its work before returning (a GPU call synchronizes).
+pub fn time_calls<T>(
+    warmup: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> steer::Result<T>,
+) -> steer::Result<Timing> {
+    for _ in 0..warmup {
+        std::hint::black_box(f()?);
+    }
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let t0 = std::time::Instant::now();
+        std::hint::black_box(f()?);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    Ok(Timing::of(&times))
+}
+
 /// Start rayon's global pool with `threads` (default: all cores); the count used.
 pub fn init_threads(threads: Option<usize>) -> Result<usize, String> {
     let threads = threads

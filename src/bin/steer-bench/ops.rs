@@ -7,14 +7,13 @@
 //! with `--no-torch`) it prints our figures alone and says why the baseline is missing.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Args;
 use serde_json::{json, Value};
 use steer::ops::{self, Conv2dParams};
 use steer::{DType, Tensor};
 
-use crate::common::{init_threads, load_average, run_python_script, Timing};
+use crate::common::{init_threads, load_average, run_python_script, time_calls, Timing};
 
 /// The PyTorch side, embedded so the binary works from any directory.
 const BENCH_OPS_PY: &str = include_str!("../../../tests/reference/bench_ops.py");
@@ -156,23 +155,6 @@ impl Case {
             }),
         }
     }
-}
-
-fn time_calls(
-    warmup: usize,
-    repeats: usize,
-    mut f: impl FnMut() -> steer::Result<Tensor>,
-) -> steer::Result<Timing> {
-    for _ in 0..warmup {
-        std::hint::black_box(f()?);
-    }
-    let mut times = Vec::with_capacity(repeats);
-    for _ in 0..repeats {
-        let t0 = Instant::now();
-        std::hint::black_box(f()?);
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    Ok(Timing::of(&times))
 }
 
 fn time_ours(case: &Case, warmup: usize, repeats: usize) -> steer::Result<Timing> {
