@@ -130,3 +130,17 @@ __device__ __forceinline__ float quad_sum(float v) {
     v += __shfl_xor_sync(0xffffffffu, v, 1);
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
+
+// Sum over a block of THREADS threads (a multiple of 32); every thread gets the result. `scratch`
+// holds THREADS / 32 floats of shared memory; calls may follow each other on the same scratch.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();  // scratch is free (a previous call may still be reading it)
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    float total = 0.f;
+    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
+    return total;
+}

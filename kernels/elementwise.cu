@@ -3,15 +3,19 @@
 //
 // ew_binary      out = a (+, -, *) b                         (ops::add, sub, mul)
 // ew_scale       out = s x                                   (ops::scale)
-// ew_activation  out = silu(x) or gelu(x) (exact, erf)       (ops::activation)
+// ew_activation  out = silu(x), gelu(x) (exact, erf) or leaky relu (relu: slope 0)
+//                                                            (ops::activation)
 // geglu          out = h * gelu(g), (h, g) = x.chunk(2, -1)  (ops::geglu)
-// add_channels   out[b, c, i] = x[b, c, i] + v[b, c]         (ops::add_channels)
+// add_broadcast  out[o, m, i] = x[o, m, i] + v[o, i]         (ops::add_broadcast,
+//                                                            add_channels)
+// embedding      out[r, j] = w[ids[r], j]                    (ops::embedding)
 // upsample2x     nearest-neighbour 2x of (P, H, W) planes    (ops::upsample_nearest2x)
 // copy_strided   out[i] = x[offset(i)] over a shape of rank <= 6 with any strides on either side:
 //                permute, concat and split are this one kernel with different strides
-//                (ops::permute, concat, split).
+//                (ops::permute, concat, split); copy_strided32 moves 4-byte elements (the f32
+//                maps and their gradients).
 // Backwards (input gradients; the frozen-model path of steering):
-// ew_activation_backward  dx = dy f'(x) for silu and gelu     (ops::activation_backward)
+// ew_activation_backward  dx = dy f'(x) for the same          (ops::activation_backward)
 // geglu_backward          dx = (dy gelu(g), dy h gelu'(g))    (ops::geglu_backward)
 // upsample2x_backward     dx = the sum of each 2x2 block of dy (ops::upsample_nearest2x_backward)
 //
@@ -26,6 +30,7 @@
 #define EW_MUL 2
 #define ACT_SILU 0
 #define ACT_GELU 1
+#define ACT_LEAKY_RELU 2  // max(x, 0) + slope min(x, 0); ReLU is slope 0
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
@@ -37,6 +42,14 @@ __device__ __forceinline__ float silu_grad(float x) {
 __device__ __forceinline__ float gelu_grad(float x) {
     return 0.5f * (1.f + erff(x * 0.70710678118654752f)) +
            x * 0.3989422804014327f * expf(-0.5f * x * x);
+}
+
+// The activation `act` (ACT_*) and its derivative; `slope` is the leaky ReLU's.
+__device__ __forceinline__ float activate(float x, int act, float slope) {
+    return act == ACT_SILU ? silu(x) : act == ACT_GELU ? gelu(x) : x > 0.f ? x : slope * x;
+}
+__device__ __forceinline__ float activate_grad(float x, int act, float slope) {
+    return act == ACT_SILU ? silu_grad(x) : act == ACT_GELU ? gelu_grad(x) : x > 0.f ? 1.f : slope;
 }
 
 STEER_KERNEL void ew_binary(bf16* __restrict__ out, const bf16* __restrict__ a,
@@ -56,11 +69,9 @@ STEER_KERNEL void ew_scale(bf16* __restrict__ out, const bf16* __restrict__ x, f
 STEER_EMU_EXPORT(ew_scale)
 
 STEER_KERNEL void ew_activation(bf16* __restrict__ out, const bf16* __restrict__ x,
-                                unsigned long long n, int act) {
-    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
-        const float v = bf16_to_float(x[i]);
-        out[i] = float_to_bf16(act == ACT_SILU ? silu(v) : gelu(v));
-    }
+                                unsigned long long n, int act, float slope) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count())
+        out[i] = float_to_bf16(activate(bf16_to_float(x[i]), act, slope));
 }
 STEER_EMU_EXPORT(ew_activation)
 
@@ -74,13 +85,24 @@ STEER_KERNEL void geglu(bf16* __restrict__ out, const bf16* __restrict__ x, unsi
 }
 STEER_EMU_EXPORT(geglu)
 
-STEER_KERNEL void add_channels(bf16* __restrict__ out, const bf16* __restrict__ x,
-                               const bf16* __restrict__ v, unsigned long long n,
-                               unsigned long long inner) {
-    for (size_t i = global_thread_index(); i < n; i += global_thread_count())
-        out[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(v[i / inner]));
+// x viewed as (outer, mid, inner), v as (outer, inner).
+STEER_KERNEL void add_broadcast(bf16* __restrict__ out, const bf16* __restrict__ x,
+                                const bf16* __restrict__ v, unsigned long long n,
+                                unsigned long long mid, unsigned long long inner) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
+        const size_t vi = i / (mid * inner) * inner + i % inner;
+        out[i] = float_to_bf16(bf16_to_float(x[i]) + bf16_to_float(v[vi]));
+    }
 }
-STEER_EMU_EXPORT(add_channels)
+STEER_EMU_EXPORT(add_broadcast)
+
+// Rows of a (V, d) table: out[r, j] = w[ids[r], j] (ids checked on the host).
+STEER_KERNEL void embedding(bf16* __restrict__ out, const bf16* __restrict__ w,
+                            const int* __restrict__ ids, unsigned long long n, int d) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count())
+        out[i] = w[(size_t)ids[i / d] * d + i % d];
+}
+STEER_EMU_EXPORT(embedding)
 
 STEER_KERNEL void upsample2x(bf16* __restrict__ out, const bf16* __restrict__ x,
                              unsigned long long n, int h, int w) {
@@ -97,8 +119,9 @@ struct Strides6 {
     long long shape[6], dst[6], src[6];
 };
 
-STEER_KERNEL void copy_strided(bf16* __restrict__ out, const bf16* __restrict__ x,
-                               unsigned long long n, Strides6 s) {
+template <typename T>
+__device__ __forceinline__ void copy_elements(T* __restrict__ out, const T* __restrict__ x,
+                                              unsigned long long n, const Strides6& s) {
     for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
         size_t rest = i;
         long long dst = 0, src = 0;
@@ -111,15 +134,23 @@ STEER_KERNEL void copy_strided(bf16* __restrict__ out, const bf16* __restrict__ 
         out[dst] = x[src];
     }
 }
+STEER_KERNEL void copy_strided(bf16* __restrict__ out, const bf16* __restrict__ x,
+                               unsigned long long n, Strides6 s) {
+    copy_elements(out, x, n, s);
+}
 STEER_EMU_EXPORT(copy_strided)
+// The same for 4-byte elements (the f32 maps and their gradients).
+STEER_KERNEL void copy_strided32(float* __restrict__ out, const float* __restrict__ x,
+                                 unsigned long long n, Strides6 s) {
+    copy_elements(out, x, n, s);
+}
+STEER_EMU_EXPORT(copy_strided32)
 
 STEER_KERNEL void ew_activation_backward(bf16* __restrict__ dx, const bf16* __restrict__ x,
                                          const bf16* __restrict__ dy, unsigned long long n,
-                                         int act) {
-    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
-        const float v = bf16_to_float(x[i]);
-        dx[i] = float_to_bf16(bf16_to_float(dy[i]) * (act == ACT_SILU ? silu_grad(v) : gelu_grad(v)));
-    }
+                                         int act, float slope) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count())
+        dx[i] = float_to_bf16(bf16_to_float(dy[i]) * activate_grad(bf16_to_float(x[i]), act, slope));
 }
 STEER_EMU_EXPORT(ew_activation_backward)
 

@@ -371,6 +371,9 @@ using std::exp2f;
 using std::fmaxf;
 using std::isfinite;
 using std::log2f;
+// CUDA's integer min and max.
+using std::max;
+using std::min;
 
 // The exported launcher for a kernel: `int steer_emu_<name>(grid[3], block[3], smem, args)`, the
 // argument shape of cuLaunchKernel, so the Rust side packs arguments once for both targets.

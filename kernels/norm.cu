@@ -23,31 +23,19 @@
 
 #define NORM_THREADS 256
 
-// Sum over the block; every thread gets the result.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    __syncthreads();  // scratch is free (a previous call may still be reading it)
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    float total = 0.f;
-    for (int w = 0; w < NORM_THREADS / 32; ++w) total += scratch[w];
-    return total;
-}
-
 // The row's mean (0 without centering) and 1 / sqrt(var + eps), for every thread of the block.
 __device__ __forceinline__ void row_stats(const bf16* xr, long long n, int center, float eps,
                                           float* scratch, float& mean, float& rstd) {
     float s = 0.f;
     if (center)
         for (long long e = threadIdx.x; e < n; e += NORM_THREADS) s += bf16_to_float(xr[e]);
-    mean = center ? block_sum(s, scratch) / (float)n : 0.f;
+    mean = center ? block_sum<NORM_THREADS>(s, scratch) / (float)n : 0.f;
     float q = 0.f;
     for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
         const float dx = bf16_to_float(xr[e]) - mean;
         q += dx * dx;
     }
-    rstd = 1.f / sqrtf(block_sum(q, scratch) / (float)n + eps);
+    rstd = 1.f / sqrtf(block_sum<NORM_THREADS>(q, scratch) / (float)n + eps);
 }
 
 // The affine parameter of element e of a row whose first channel is c0 (`absent` without one).
@@ -92,8 +80,8 @@ STEER_KERNEL void __launch_bounds__(NORM_THREADS)
         sg += g;
         sgx += g * (bf16_to_float(xr[e]) - mean) * rstd;
     }
-    const float mg = center ? block_sum(sg, scratch) / (float)n : 0.f;
-    const float mgx = block_sum(sgx, scratch) / (float)n;
+    const float mg = center ? block_sum<NORM_THREADS>(sg, scratch) / (float)n : 0.f;
+    const float mgx = block_sum<NORM_THREADS>(sgx, scratch) / (float)n;
     for (long long e = threadIdx.x; e < n; e += NORM_THREADS) {
         const float g = bf16_to_float(dyr[e]) * param_at(gamma, c0, e, span, 1.f);
         const float xhat = (bf16_to_float(xr[e]) - mean) * rstd;

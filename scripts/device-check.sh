@@ -44,18 +44,20 @@ run)
     status=0
     # One test at a time: their timings and any device fault stay attributable.
     "$dir/cuda-tests" --test-threads=1 --nocapture 2>&1 | tee "$out/cuda-tests.log" || status=1
-    # Shared-memory races and out-of-bounds accesses in the attention kernels (where the machine's
+    # Shared-memory races and out-of-bounds accesses in the attention and map kernels and the
+    # classifier's path (where the machine's
     # compute-sanitizer can read the GPU; informational: its verdict is in the log).
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck; do
             echo "== compute-sanitizer --tool $tool" >>"$out/sanitizer.log"
             timeout 180 compute-sanitizer --tool "$tool" --print-limit 5 "$dir/cuda-tests" \
-                --test-threads=1 attention_forward attention_backward >>"$out/sanitizer.log" 2>&1 ||
+                --test-threads=1 attention_forward attention_backward maps_match classifier \
+                >>"$out/sanitizer.log" 2>&1 ||
                 echo "compute-sanitizer $tool: exit $? (see $out/sanitizer.log)"
         done
     fi
     # The CLI on the tiny SD2.1 UNet, against diffusers' f32 output (tolerance as in
-    # tests/kernel_cases: 5e-2 for bf16).
+    # tests/kernel_cases: 5e-2 for bf16), and on the classifier fixture.
     python3 - "$scratch" <<'PY' 2>&1 | tee "$out/cli-forward.log" || status=1
 import subprocess, sys
 import torch
@@ -70,7 +72,27 @@ subprocess.run(["device-check/steer", "forward", "--model", "tests/fixtures/tiny
 got, want = load_file(f"{out}/unet-out.safetensors")["out"], ref["unet.out"].float()
 err = ((got - want).abs().max() / want.abs().max()).item()
 print(f"steer forward --device cuda, tiny SD2.1 UNet: rel error {err:.2e} vs diffusers f32")
-sys.exit(0 if err < 5e-2 else 1)
+ok = err < 5e-2
+# The classifier on the GPU against the reference model in float64; tolerance twice PyTorch's own
+# bf16 error, which the fixture records (as tests/kernel_cases does).
+from safetensors import safe_open
+path = "tests/fixtures/classifier-reference.safetensors"
+ref = load_file(path)
+with safe_open(path, framework="pt") as f:
+    meta = f.metadata()
+save_file({"maps": ref["maps"].float(), "step": ref["steps"],
+           "logits_cotangent": ref["logits_cotangent"].float()}, f"{out}/cls-in.safetensors")
+subprocess.run(["device-check/steer", "classify", "--classifier",
+                "tests/fixtures/classifier-sd.safetensors", "--inputs", f"{out}/cls-in.safetensors",
+                "--out", f"{out}/cls-out.safetensors", "--device", "cuda"], check=True)
+got = load_file(f"{out}/cls-out.safetensors")
+for name, key in (("logits", "logits"), ("maps_grad", "maps_grad")):
+    want = ref[key]
+    err = ((got[name].double() - want).abs().max() / want.abs().max()).item()
+    tol = 2 * float(meta[f"bf16_vs_f64.{key}"])
+    print(f"steer classify --device cuda, {name}: rel error {err:.2e} vs PyTorch f64 (tolerance {tol:.2e})")
+    ok = ok and err <= tol
+sys.exit(0 if ok else 1)
 PY
     # Steering end to end on the shipped ShapesWorld model, the UNet on the GPU and on the CPU.
     for device in cuda cpu; do

@@ -89,11 +89,13 @@ gpu_tests!(
     latent_update_skips_non_finite_gradient,
     pointwise_ops_match_cpu,
     data_movement_matches_cpu,
+    maps_match_cpu,
     norms_match_cpu,
     linear_and_conv_match_cpu,
     unet_forward_matches_diffusers_in_bf16,
     backward_ops_match_cpu,
     unet_steering_pass_matches_diffusers_in_bf16,
+    classifier_matches_pytorch_in_bf16,
 );
 
 #[test]

@@ -61,6 +61,11 @@ fn data_movement_matches_cpu() {
 }
 
 #[test]
+fn maps_match_cpu() {
+    kernel_cases::maps_match_cpu(&emulated());
+}
+
+#[test]
 fn norms_match_cpu() {
     kernel_cases::norms_match_cpu(&emulated());
 }
@@ -83,4 +88,9 @@ fn backward_ops_match_cpu() {
 #[test]
 fn unet_steering_pass_matches_diffusers_in_bf16() {
     kernel_cases::unet_steering_pass_matches_diffusers_in_bf16(&emulated());
+}
+
+#[test]
+fn classifier_matches_pytorch_in_bf16() {
+    kernel_cases::classifier_matches_pytorch_in_bf16(&emulated());
 }

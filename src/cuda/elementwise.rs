@@ -1,15 +1,16 @@
-//! Host side of kernels/elementwise.cu, for any [`Memory`]: bf16 in, bf16 out. Shapes are
+//! Host side of kernels/elementwise.cu, for any [`Memory`]: bf16 in, bf16 out (the copies also move
+//! f32). Shapes are
 //! checked by the `ops` functions that dispatch here.
 
 use half::bf16;
 
 use super::launch::{Arg, KernelCall, Strides6};
-use super::memory::Memory;
+use super::memory::{Memory, TensorElem};
 use crate::error::{Error, Result};
 use crate::ops::elementwise::BinOp;
 use crate::ops::Activation;
 use crate::tensor::contiguous_strides;
-use crate::Tensor;
+use crate::{DType, Tensor};
 
 const MODULE: &str = "elementwise";
 
@@ -60,25 +61,28 @@ pub(crate) fn scale<M: Memory>(m: &M, x: &Tensor, s: f64) -> Result<Tensor> {
     })
 }
 
-/// The activation's code in kernels/elementwise.cu.
-fn activation_code(op: &str, act: Activation) -> Result<i32> {
+/// The activation's code and slope in kernels/elementwise.cu.
+fn activation_code(op: &str, act: Activation) -> Result<(i32, f32)> {
     match act {
-        Activation::Silu => Ok(0),
-        Activation::Gelu => Ok(1),
+        Activation::Silu => Ok((0, 0.0)),
+        Activation::Gelu => Ok((1, 0.0)),
+        Activation::Relu => Ok((2, 0.0)),
+        Activation::LeakyRelu(slope) => Ok((2, slope as f32)),
         other => Err(Error::Invalid(format!(
-            "{op}: {other:?} has no CUDA kernel yet (silu and gelu do)"
+            "{op}: {other:?} has no CUDA kernel yet (silu, gelu, relu and leaky relu do)"
         ))),
     }
 }
 
 pub(crate) fn activation<M: Memory>(m: &M, x: &Tensor, act: Activation) -> Result<Tensor> {
-    let code = activation_code("activation", act)?;
+    let (code, slope) = activation_code("activation", act)?;
     let xa = m.tensor_addr::<bf16>("activation", x)?;
     pointwise(m, "ew_activation", x.shape(), |_| {
         Ok(vec![
             Arg::Ptr(xa),
             Arg::U64(x.numel() as u64),
             Arg::I32(code),
+            Arg::F32(slope),
         ])
     })
 }
@@ -97,23 +101,40 @@ pub(crate) fn geglu<M: Memory>(m: &M, x: &Tensor, d: usize) -> Result<Tensor> {
     })
 }
 
-/// `x` (B, C, inner...) + `v` (B, C).
-pub(crate) fn add_channels<M: Memory>(
+/// `ops::add_broadcast`: `x` viewed as (outer, mid, inner) plus `v` (outer, inner).
+pub(crate) fn add_broadcast<M: Memory>(
     m: &M,
     x: &Tensor,
     v: &Tensor,
+    mid: usize,
     inner: usize,
 ) -> Result<Tensor> {
-    let (xa, va) = (
-        m.tensor_addr::<bf16>("add_channels", x)?,
-        m.tensor_addr::<bf16>("add_channels", v)?,
-    );
-    pointwise(m, "add_channels", x.shape(), |_| {
+    const OP: &str = "add_broadcast";
+    let (xa, va) = (m.tensor_addr::<bf16>(OP, x)?, m.tensor_addr::<bf16>(OP, v)?);
+    pointwise(m, "add_broadcast", x.shape(), |_| {
         Ok(vec![
             Arg::Ptr(xa),
             Arg::Ptr(va),
             Arg::U64(x.numel() as u64),
+            Arg::U64(mid.max(1) as u64),
             Arg::U64(inner.max(1) as u64),
+        ])
+    })
+}
+
+/// `ops::embedding` (ids already checked against the table).
+pub(crate) fn embedding<M: Memory>(m: &M, w: &Tensor, ids: &[usize]) -> Result<Tensor> {
+    let wa = m.tensor_addr::<bf16>("embedding", w)?;
+    let (rows, d) = (ids.len(), w.shape()[1]);
+    let ids: Vec<i32> = ids.iter().map(|&i| i as i32).collect();
+    // Lives until after the launch (the GPU frees it in stream order).
+    let ids = m.upload(&ids)?;
+    pointwise(m, "embedding", &[rows, d], |m| {
+        Ok(vec![
+            Arg::Ptr(wa),
+            Arg::Ptr(m.addr(&ids)),
+            Arg::U64((rows * d) as u64),
+            Arg::I32(d as i32),
         ])
     })
 }
@@ -157,9 +178,42 @@ fn strides6(op: &'static str, shape: &[usize], dst: &[usize], src: &[usize]) -> 
     Ok(s)
 }
 
+/// An element type the strided copy moves: bf16 activations, f32 maps.
+trait CopyElem: TensorElem {
+    const KERNEL: &'static str;
+    const BYTES: u64 = std::mem::size_of::<Self>() as u64;
+}
+impl CopyElem for bf16 {
+    const KERNEL: &'static str = "copy_strided";
+}
+impl CopyElem for f32 {
+    const KERNEL: &'static str = "copy_strided32";
+}
+
+/// Run `$body` with `$T` the [`CopyElem`] of `$t`'s dtype; any other dtype is an error.
+macro_rules! by_copy_elem {
+    ($op:expr, $t:expr, $T:ident => $body:expr) => {
+        match $t.dtype() {
+            DType::BF16 => {
+                type $T = bf16;
+                $body
+            }
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            other => Err(Error::DType {
+                op: $op,
+                got: other,
+                expected: "bf16 or f32",
+            }),
+        }
+    };
+}
+
 /// Copies the elements of `shape` from `src` (element strides `src_strides`) to `dst`
 /// (`dst_strides`); addresses are in bytes.
-fn copy<M: Memory>(
+fn copy<T: CopyElem, M: Memory>(
     m: &M,
     op: &'static str,
     dst: u64,
@@ -174,7 +228,7 @@ fn copy<M: Memory>(
     }
     m.launch(&KernelCall::grid_stride(
         MODULE,
-        "copy_strided",
+        T::KERNEL,
         n,
         vec![
             Arg::Ptr(dst),
@@ -185,16 +239,18 @@ fn copy<M: Memory>(
     ))
 }
 
-const BF16_BYTES: u64 = 2;
-
 /// `ops::permute` (the permutation already checked).
 pub(crate) fn permute<M: Memory>(m: &M, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
-    let xa = m.tensor_addr::<bf16>("permute", x)?;
+    by_copy_elem!("permute", x, T => permute_as::<T, M>(m, x, perm))
+}
+
+fn permute_as<T: CopyElem, M: Memory>(m: &M, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    let xa = m.tensor_addr::<T>("permute", x)?;
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
     let in_strides = contiguous_strides(x.shape());
     let src: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
-    let mut out = m.zeros::<bf16>(x.numel())?;
-    copy(
+    let mut out = m.zeros::<T>(x.numel())?;
+    copy::<T, M>(
         m,
         "permute",
         m.addr_mut(&mut out),
@@ -213,14 +269,23 @@ pub(crate) fn concat<M: Memory>(
     axis: usize,
     shape: &[usize],
 ) -> Result<Tensor> {
-    let mut out = m.zeros::<bf16>(shape.iter().product())?;
+    by_copy_elem!("concat", xs[0], T => concat_as::<T, M>(m, xs, axis, shape))
+}
+
+fn concat_as<T: CopyElem, M: Memory>(
+    m: &M,
+    xs: &[&Tensor],
+    axis: usize,
+    shape: &[usize],
+) -> Result<Tensor> {
+    let mut out = m.zeros::<T>(shape.iter().product())?;
     let base = m.addr_mut(&mut out);
     let dst = contiguous_strides(shape);
     let mut start = 0;
     for x in xs {
-        let xa = m.tensor_addr::<bf16>("concat", x)?;
-        let offset = (start * dst[axis]) as u64 * BF16_BYTES;
-        copy(
+        let xa = m.tensor_addr::<T>("concat", x)?;
+        let offset = (start * dst[axis]) as u64 * T::BYTES;
+        copy::<T, M>(
             m,
             "concat",
             base + offset,
@@ -241,7 +306,16 @@ pub(crate) fn split<M: Memory>(
     axis: usize,
     sizes: &[usize],
 ) -> Result<Vec<Tensor>> {
-    let xa = m.tensor_addr::<bf16>("split", x)?;
+    by_copy_elem!("split", x, T => split_as::<T, M>(m, x, axis, sizes))
+}
+
+fn split_as<T: CopyElem, M: Memory>(
+    m: &M,
+    x: &Tensor,
+    axis: usize,
+    sizes: &[usize],
+) -> Result<Vec<Tensor>> {
+    let xa = m.tensor_addr::<T>("split", x)?;
     let src = contiguous_strides(x.shape());
     let mut start = 0;
     sizes
@@ -249,9 +323,9 @@ pub(crate) fn split<M: Memory>(
         .map(|&n| {
             let mut shape = x.shape().to_vec();
             shape[axis] = n;
-            let mut out = m.zeros::<bf16>(shape.iter().product())?;
-            let offset = (start * src[axis]) as u64 * BF16_BYTES;
-            copy(
+            let mut out = m.zeros::<T>(shape.iter().product())?;
+            let offset = (start * src[axis]) as u64 * T::BYTES;
+            copy::<T, M>(
                 m,
                 "split",
                 m.addr_mut(&mut out),
@@ -273,7 +347,7 @@ pub(crate) fn activation_backward<M: Memory>(
     act: Activation,
 ) -> Result<Tensor> {
     const OP: &str = "activation_backward";
-    let code = activation_code(OP, act)?;
+    let (code, slope) = activation_code(OP, act)?;
     let (xa, da) = (
         m.tensor_addr::<bf16>(OP, x)?,
         m.tensor_addr::<bf16>(OP, dy)?,
@@ -284,6 +358,7 @@ pub(crate) fn activation_backward<M: Memory>(
             Arg::Ptr(da),
             Arg::U64(x.numel() as u64),
             Arg::I32(code),
+            Arg::F32(slope),
         ])
     })
 }

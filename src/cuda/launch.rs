@@ -89,6 +89,24 @@ impl KernelCall {
         }
     }
 
+    /// One block of BLOCK_1D threads for each of `rows` rows (norm.cu, maps.cu: block reductions
+    /// over a row).
+    pub(crate) fn per_row(
+        module: &'static str,
+        name: &'static str,
+        rows: usize,
+        args: Vec<Arg>,
+    ) -> KernelCall {
+        KernelCall {
+            module,
+            name,
+            grid: [rows as u32, 1, 1],
+            block: [BLOCK_1D, 1, 1],
+            smem: 0,
+            args,
+        }
+    }
+
     /// Runs the call on the GPU, on the device's stream (asynchronously).
     pub(crate) fn launch_gpu(&self, dev: &CudaDevice) -> Result<()> {
         let err = driver_err(self.name);

@@ -12,23 +12,25 @@ pub mod emulated;
 pub(crate) mod gemm;
 mod latent;
 mod launch;
+pub(crate) mod maps;
 mod memory;
 pub(crate) mod norm;
 pub(crate) use latent::latent_update;
 pub(crate) use memory::Emulated;
 
-/// Where an op on `t` runs its kernel: the GPU holding `t`, the host emulation (a bf16 host
-/// tensor inside [`emulated::run`]: bf16 is what the GPU path computes in, so f32 host work such
-/// as map resizing stays on the CPU there as it does beside a GPU), or nowhere (the CPU backend).
+/// Where an op on `t` runs its kernel: the GPU holding `t`, the host emulation (a host tensor of
+/// one of the kernel's `dtypes` inside [`emulated::run`]), or nowhere (the CPU backend). The
+/// dtypes are the GPU path's: bf16 for activations; f32 maps, latents and their gradients, so f32
+/// host work of other kinds stays on the CPU under emulation as it would beside a GPU.
 pub(crate) enum Target<'a> {
     Gpu(&'a Arc<CudaDevice>),
     Emulated,
 }
 
-pub(crate) fn target(t: &Tensor) -> Option<Target<'_>> {
+pub(crate) fn target<'a>(t: &'a Tensor, dtypes: &[DType]) -> Option<Target<'a>> {
     match t.cuda_device() {
         Some(dev) => Some(Target::Gpu(dev)),
-        None if emulated::active() && t.dtype() == DType::BF16 => Some(Target::Emulated),
+        None if emulated::active() && dtypes.contains(&t.dtype()) => Some(Target::Emulated),
         None => None,
     }
 }
@@ -41,10 +43,11 @@ pub(crate) fn no_kernel(op: &str, what: &str) -> Error {
 }
 
 /// In an op, after its checks: when `$t` has a kernel target, return `$call` run there, with `$m`
-/// bound to that target's [`memory::Memory`]; otherwise fall through to the CPU code.
+/// bound to that target's [`memory::Memory`]; otherwise fall through to the CPU code. The kernel
+/// takes bf16 unless a list of dtypes comes first: `kernel_dispatch!([F32] x, m => ...)`.
 macro_rules! kernel_dispatch {
-    ($t:expr, $m:ident => $call:expr) => {
-        match $crate::cuda::target($t) {
+    ([$($dtype:ident),+] $t:expr, $m:ident => $call:expr) => {
+        match $crate::cuda::target($t, &[$($crate::DType::$dtype),+]) {
             Some($crate::cuda::Target::Gpu($m)) => return $call,
             Some($crate::cuda::Target::Emulated) => {
                 let $m = &$crate::cuda::Emulated;
@@ -52,6 +55,9 @@ macro_rules! kernel_dispatch {
             }
             None => {}
         }
+    };
+    ($t:expr, $m:ident => $call:expr) => {
+        $crate::cuda::kernel_dispatch!([BF16] $t, $m => $call)
     };
 }
 pub(crate) use kernel_dispatch;

@@ -31,14 +31,7 @@ fn launch_rows<M: Memory>(
         Arg::F32(rows.eps as f32),
     ]);
     if count > 0 {
-        m.launch(&KernelCall {
-            module: "norm",
-            name,
-            grid: [count as u32, 1, 1],
-            block: [256, 1, 1],
-            smem: 0,
-            args,
-        })?;
+        m.launch(&KernelCall::per_row("norm", name, count, args))?;
     }
     m.tensor(out, x.shape())
 }

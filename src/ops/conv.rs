@@ -359,7 +359,7 @@ pub fn conv2d_backward(
             dw: None,
             db: None,
         }));
-    } else if crate::cuda::target(x).is_some() {
+    } else if crate::cuda::target(x, &[crate::DType::BF16]).is_some() {
         return Err(crate::cuda::no_kernel(OP, "weight gradients"));
     }
     float_dispatch!(OP, x.dtype(), T => {

@@ -1,5 +1,6 @@
 //! Elementwise arithmetic and reductions. No implicit broadcasting: same-shape ops require equal
-//! shapes, and the two broadcasts the models need are explicit ops (`add_channels`, `modulate`).
+//! shapes, and the broadcasts the models need are explicit ops (`add_broadcast`, `add_channels`,
+//! `modulate`).
 //!
 //! Backwards that are trivial are stated rather than coded: `add(a, b)` passes `dy` to both,
 //! `sub` passes `dy` and `-dy` (`scale(dy, -1)`), `scale(x, s)` passes `s * dy`.
@@ -70,31 +71,83 @@ pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
     })
 }
 
-/// `x + v[:, :, None, ...]` for `x`: (B, C, ...) and `v`: (B, C) — the UNet's time-embedding add.
-pub fn add_channels(x: &Tensor, v: &Tensor) -> Result<Tensor> {
-    const OP: &str = "add_channels";
-    let inner = channel_inner(OP, x, v)?;
-    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::add_channels(m, x, v, inner));
+/// `x + v` with `v` repeated along `axis` of `x`: `v`'s shape is `x`'s without that axis (the
+/// classifier's positional and step-embedding adds).
+pub fn add_broadcast(x: &Tensor, v: &Tensor, axis: usize) -> Result<Tensor> {
+    const OP: &str = "add_broadcast";
+    let (mid, inner) = broadcast_dims(OP, x.shape(), v, axis)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::add_broadcast(m, x, v, mid, inner));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, vv) = (x.slice::<T>(OP)?, v.slice::<T>(OP)?);
         let mut out = xv.to_vec();
-        out.par_chunks_mut(inner.max(1)).zip(vv.par_iter()).for_each(|(o, &c)| o.iter_mut().for_each(|e| *e += c));
+        if inner > 0 {
+            out.par_chunks_mut((mid * inner).max(1)).zip(vv.par_chunks(inner)).for_each(|(o, vr)| {
+                o.chunks_mut(inner).for_each(|r| r.iter_mut().zip(vr).for_each(|(e, &c)| *e += c))
+            });
+        }
         Tensor::from_vec(out, x.shape())
     })
 }
 
-/// Gradient of `sum(add_channels(x, v) * dy)` with respect to `v` (to `x` it is `dy`).
-pub fn add_channels_backward(dy: &Tensor, v_shape: &[usize]) -> Result<Tensor> {
-    const OP: &str = "add_channels_backward";
-    let v = Tensor::zeros(v_shape, dy.dtype());
-    let inner = channel_inner(OP, dy, &v)?;
+/// Gradient of `sum(add_broadcast(x, v, axis) * dy)` with respect to `v`: `dy` summed over
+/// `axis` (to `x` it is `dy`).
+pub fn add_broadcast_backward(dy: &Tensor, axis: usize) -> Result<Tensor> {
+    const OP: &str = "add_broadcast_backward";
+    if axis >= dy.rank() {
+        return Err(Error::shape(
+            OP,
+            format!("axis {axis} of dy {:?}", dy.shape()),
+        ));
+    }
+    let mut v_shape = dy.shape().to_vec();
+    let mid = v_shape.remove(axis);
+    let inner: usize = dy.shape()[axis + 1..].iter().product();
     float_dispatch!(OP, dy.dtype(), T => {
-        let dv: Vec<T> = dy.slice::<T>(OP)?.chunks(inner.max(1)).map(|c| c.iter().copied().sum()).collect();
-        Tensor::from_vec(dv, v_shape)
+        let g = dy.slice::<T>(OP)?;
+        let mut dv = vec![T::ZERO; g.len() / mid.max(1)];
+        if inner > 0 {
+            dv.par_chunks_mut(inner).zip(g.par_chunks((mid * inner).max(1))).for_each(|(o, blk)| {
+                blk.chunks(inner).for_each(|r| o.iter_mut().zip(r).for_each(|(a, &b)| *a += b))
+            });
+        }
+        Tensor::from_vec(dv, &v_shape)
     })
 }
 
-fn channel_inner(op: &'static str, x: &Tensor, v: &Tensor) -> Result<usize> {
+/// (size of `axis`, elements after it) for `x` of `shape` and `v` of `shape` without `axis`.
+fn broadcast_dims(
+    op: &'static str,
+    shape: &[usize],
+    v: &Tensor,
+    axis: usize,
+) -> Result<(usize, usize)> {
+    let mut want = shape.to_vec();
+    if axis < want.len() {
+        want.remove(axis);
+    }
+    if axis >= shape.len() || v.shape() != want {
+        return Err(Error::shape(
+            op,
+            format!("x {shape:?} + v {:?} repeated along axis {axis}", v.shape()),
+        ));
+    }
+    Ok((shape[axis], shape[axis + 1..].iter().product()))
+}
+
+/// `x + v[:, :, None, ...]` for `x`: (B, C, ...) and `v`: (B, C) — the UNet's time-embedding add.
+pub fn add_channels(x: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let x3 = channels_3d("add_channels", x, v)?;
+    add_broadcast(&x3, v, 2)?.reshape(x.shape())
+}
+
+/// Gradient of `sum(add_channels(x, v) * dy)` with respect to `v` (to `x` it is `dy`).
+pub fn add_channels_backward(dy: &Tensor, v_shape: &[usize]) -> Result<Tensor> {
+    let v = Tensor::zeros(v_shape, dy.dtype());
+    add_broadcast_backward(&channels_3d("add_channels_backward", dy, &v)?, 2)
+}
+
+/// `x` (B, C, ...) as (B, C, rest), checked against `v` (B, C).
+fn channels_3d(op: &'static str, x: &Tensor, v: &Tensor) -> Result<Tensor> {
     same_dtype(op, x, v)?;
     if x.rank() < 2 || v.shape() != &x.shape()[..2] {
         return Err(Error::shape(
@@ -106,7 +159,8 @@ fn channel_inner(op: &'static str, x: &Tensor, v: &Tensor) -> Result<usize> {
             ),
         ));
     }
-    Ok(x.shape()[2..].iter().product())
+    let s = x.shape();
+    x.reshape(&[s[0], s[1], s[2..].iter().product()])
 }
 
 /// adaLN modulation: `x * (1 + scale[:, None]) + shift[:, None]` for `x`: (B, L, D) and

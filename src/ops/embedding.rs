@@ -15,6 +15,7 @@ pub fn embedding(weight: &Tensor, ids: &[usize]) -> Result<Tensor> {
             "{OP}: id {bad} out of range for a table of {v} rows"
         )));
     }
+    crate::cuda::kernel_dispatch!(weight, m => crate::cuda::elementwise::embedding(m, weight, ids));
     float_dispatch!(OP, weight.dtype(), T => {
         let w = weight.slice::<T>(OP)?;
         let mut out = Vec::with_capacity(ids.len() * d);

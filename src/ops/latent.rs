@@ -2,6 +2,7 @@
 //! finite (a NaN or infinity would poison the latent for every later step).
 
 use super::{float_dispatch, same_shape};
+use crate::cuda::Target;
 use crate::tensor::Storage;
 use crate::{DType, Error, Float, Result, Tensor};
 
@@ -19,14 +20,17 @@ pub fn latent_update(z: &mut Tensor, g: &Tensor, lr: f64) -> Result<bool> {
         )));
     }
     // The kernel writes a new buffer; z adopts it only when g was finite.
-    // The latent is f32 (unlike the bf16 activations), so it picks its kernel target itself.
-    let on_kernel = match z.cuda_device() {
-        Some(dev) if !g.is_host() => {
+    // Not kernel_dispatch: z is updated in place, and only when the kernel's flag allows.
+    let on_kernel = match crate::cuda::target(z, &[DType::F32]) {
+        Some(Target::Gpu(dev)) if !g.is_host() => {
             Some(crate::cuda::latent_update(&dev.clone(), z, g, lr as f32)?)
         }
-        None if crate::cuda::emulated::active() && g.is_host() && z.dtype() == DType::F32 => Some(
-            crate::cuda::latent_update(&crate::cuda::Emulated, z, g, lr as f32)?,
-        ),
+        Some(Target::Emulated) if g.is_host() => Some(crate::cuda::latent_update(
+            &crate::cuda::Emulated,
+            z,
+            g,
+            lr as f32,
+        )?),
         _ => None,
     };
     if let Some(result) = on_kernel {

@@ -17,7 +17,7 @@ mod linalg;
 mod loss;
 pub(crate) mod norm;
 mod pad;
-mod resize;
+pub(crate) mod resize;
 mod shape;
 
 pub use activation::*;

@@ -1,5 +1,6 @@
 //! Spatial resampling over the last two dims: nearest 2x upsampling (UNet, VAE up blocks) and
-//! bilinear resize with align_corners = false (the attention maps' resize to 16x16).
+//! bilinear resize with align_corners = false (the attention maps' resize to 16x16; f32 on every
+//! target, kernels/maps.cu on a GPU).
 
 use rayon::prelude::*;
 
@@ -7,7 +8,7 @@ use super::float_dispatch;
 use crate::{Error, Float, Result, Tensor};
 
 /// (planes, H, W) of a tensor (..., H, W).
-pub(super) fn planes(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize)> {
+pub(crate) fn planes(op: &'static str, x: &Tensor) -> Result<(usize, usize, usize)> {
     if x.rank() < 2 {
         return Err(Error::shape(
             op,
@@ -20,7 +21,7 @@ pub(super) fn planes(op: &'static str, x: &Tensor) -> Result<(usize, usize, usiz
 }
 
 /// `shape` with its last two dims replaced by (h, w).
-pub(super) fn with_hw(shape: &[usize], h: usize, w: usize) -> Vec<usize> {
+pub(crate) fn with_hw(shape: &[usize], h: usize, w: usize) -> Vec<usize> {
     let mut s = shape.to_vec();
     let r = s.len();
     s[r - 2] = h;
@@ -103,6 +104,8 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
     const OP: &str = "resize_bilinear";
     let (_, h, w) = planes(OP, x)?;
     check_size(OP, h, w, out_h, out_w)?;
+    // f32 on every target: it resizes attention maps, which stay f32 beside bf16 activations.
+    crate::cuda::kernel_dispatch!([F32] x, m => crate::cuda::maps::resize_bilinear(m, x, out_h, out_w));
     let (ty, tx) = (taps(h, out_h), taps(w, out_w));
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
@@ -125,6 +128,7 @@ pub fn resize_bilinear_backward(dy: &Tensor, in_h: usize, in_w: usize) -> Result
     const OP: &str = "resize_bilinear_backward";
     let (_, oh, ow) = planes(OP, dy)?;
     check_size(OP, in_h, in_w, oh, ow)?;
+    crate::cuda::kernel_dispatch!([F32] dy, m => crate::cuda::maps::resize_bilinear_backward(m, dy, in_h, in_w));
     let (ty, tx) = (taps(in_h, oh), taps(in_w, ow));
     float_dispatch!(OP, dy.dtype(), T => {
         let dv = dy.slice::<T>(OP)?;

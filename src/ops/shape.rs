@@ -60,7 +60,7 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     }
     let mut shape = first.shape().to_vec();
     shape[axis] = xs.iter().map(|x| x.shape()[axis]).sum();
-    crate::cuda::kernel_dispatch!(first, m => crate::cuda::elementwise::concat(m, xs, axis, &shape));
+    crate::cuda::kernel_dispatch!([BF16, F32] first, m => crate::cuda::elementwise::concat(m, xs, axis, &shape));
     let (outer, inner) = around(&shape, axis);
     let hosts: Vec<&HostData> = xs.iter().map(|x| x.host(OP)).collect::<Result<_>>()?;
     let data = per_dtype!(first.host(OP)?, _f => {
@@ -91,7 +91,7 @@ pub fn split(x: &Tensor, axis: usize, sizes: &[usize]) -> Result<Vec<Tensor>> {
             ),
         ));
     }
-    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::split(m, x, axis, sizes));
+    crate::cuda::kernel_dispatch!([BF16, F32] x, m => crate::cuda::elementwise::split(m, x, axis, sizes));
     let (outer, inner) = around(x.shape(), axis);
     let d = x.shape()[axis];
     let mut start = 0;
@@ -131,7 +131,7 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
             ),
         ));
     }
-    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::permute(m, x, perm));
+    crate::cuda::kernel_dispatch!([BF16, F32] x, m => crate::cuda::elementwise::permute(m, x, perm));
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
     // Input strides, read in output order.
     let in_strides = crate::tensor::contiguous_strides(x.shape());

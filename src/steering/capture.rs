@@ -39,6 +39,7 @@ impl Assembly {
 fn renormalise(x: &Tensor) -> Result<Tensor> {
     const OP: &str = "renormalise";
     let n = MAP_SIZE * MAP_SIZE;
+    crate::cuda::kernel_dispatch!([F32] x, m => crate::cuda::maps::renormalise(m, x, n, RENORM_EPS));
     float_dispatch!(OP, x.dtype(), T => {
         let mut v = x.slice::<T>(OP)?.to_vec();
         for m in v.chunks_mut(n) {
@@ -53,6 +54,8 @@ fn renormalise(x: &Tensor) -> Result<Tensor> {
 fn renormalise_backward(m: &Tensor, dy: &Tensor) -> Result<Tensor> {
     const OP: &str = "renormalise_backward";
     let n = MAP_SIZE * MAP_SIZE;
+    crate::ops::same_shape(OP, m, dy)?;
+    crate::cuda::kernel_dispatch!([F32] m, g => crate::cuda::maps::renormalise_backward(g, m, dy, n, RENORM_EPS));
     float_dispatch!(OP, m.dtype(), T => {
         let (mv, g) = (m.slice::<T>(OP)?, dy.slice::<T>(OP)?);
         let mut dx = vec![T::ZERO; mv.len()];
@@ -130,7 +133,12 @@ pub fn assemble_backward(
     dmaps: &Tensor,
 ) -> Result<Vec<Tensor>> {
     let heads: Vec<usize> = a.order.iter().map(|&i| a.layers[i].0).collect();
-    let parts = ops::split(dmaps, 2, &heads)?;
+    // The gradient takes the maps' place and dtype (f32 on a GPU when the model runs there).
+    let dmaps = match layers.first() {
+        Some(l) => dmaps.to_like(l.maps)?,
+        None => dmaps.clone(),
+    };
+    let parts = ops::split(&dmaps, 2, &heads)?;
     let mut out: Vec<Option<Tensor>> = (0..layers.len()).map(|_| None).collect();
     for (&i, g) in a.order.iter().zip(parts) {
         let (_, h, w) = a.layers[i];

@@ -47,6 +47,7 @@ use crate::ops::{
 };
 use crate::rng::Rng;
 use crate::safetensors_io::{self, SafetensorsFile};
+use crate::weights::Placement;
 use crate::{DType, Error, Float, Result, Tensor};
 
 /// The `format` metadata value of a converted classifier file.
@@ -750,10 +751,20 @@ impl RelationClassifier {
 
     /// The same classifier with its parameters in `dtype` (f64 for gradient checks).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
+        self.placed(&Placement {
+            dtype,
+            device: None,
+        })
+    }
+
+    /// The same classifier with its parameters in `placement` (bf16 on a GPU: `Placement::cuda`).
+    /// Its forward and input gradient then run on that device's kernels; parameter gradients
+    /// (training) need host parameters.
+    pub fn placed(&self, placement: &Placement) -> Result<Self> {
         Ok(RelationClassifier {
-            params: self.params.to_dtype(dtype)?,
-            pe_ext: self.pe_ext.to_dtype(dtype)?,
-            pe_head: self.pe_head.to_dtype(dtype)?,
+            params: self.params.placed(placement)?,
+            pe_ext: placement.place(&self.pe_ext)?,
+            pe_head: placement.place(&self.pe_head)?,
             ..self.clone()
         })
     }
@@ -846,13 +857,7 @@ impl RelationClassifier {
                 c.num_timesteps
             )));
         }
-        let dtype = self.dtype();
-        let maps = maps.to_host()?;
-        let maps = if maps.dtype() == dtype {
-            maps
-        } else {
-            maps.to_dtype(dtype)?
-        };
+        let maps = maps.to_like(&self.pe_ext)?;
         let e = 2 * b;
         let m = s * s;
 
@@ -868,7 +873,7 @@ impl RelationClassifier {
             self.p(&format!("{EXT}.input_projection.weight"))?,
             Some(self.p(&format!("{EXT}.input_projection.bias"))?),
         )?;
-        h = add_tiled(&h, &self.pe_ext)?;
+        h = ops::add_broadcast(&h, &self.pe_ext, 0)?;
         let ext_ids: Vec<usize> = steps.iter().flat_map(|&t| [t, t]).collect();
         let temb = match c.extractor.step_embedding {
             StepEmbedding::Off => None,
@@ -878,12 +883,12 @@ impl RelationClassifier {
             )?),
         };
         if let (StepEmbedding::Pre, Some(t)) = (c.extractor.step_embedding, &temb) {
-            h = add_over_tokens(&h, t)?;
+            h = ops::add_broadcast(&h, t, 1)?;
         }
         let mut ext_layers = Vec::with_capacity(c.extractor.layers);
         for i in 0..c.extractor.layers {
             if let (StepEmbedding::Mid, Some(t)) = (c.extractor.step_embedding, &temb) {
-                h = add_over_tokens(&h, t)?;
+                h = ops::add_broadcast(&h, t, 1)?;
             }
             let drop = layer_dropout(c.extractor.dropout, train.as_deref_mut());
             let (y, saved) = self.layer_forward(
@@ -913,7 +918,7 @@ impl RelationClassifier {
             Some(self.p(&format!("{HEAD}.projection.bias"))?),
         )?;
         let pe0 = first_row(&self.pe_head)?;
-        r = add_tiled(&r, &pe0)?.reshape(&[b, 1, d])?;
+        r = ops::add_broadcast(&r, &pe0, 0)?.reshape(&[b, 1, d])?;
         let mut head_layers = Vec::with_capacity(c.head.layers);
         for i in 0..c.head.layers {
             let drop = layer_dropout(c.head.dropout, train.as_deref_mut());
@@ -999,13 +1004,7 @@ impl RelationClassifier {
                 format!("dlogits {:?}, expected {want:?}", dlogits.shape()),
             ));
         }
-        let dtype = self.dtype();
-        let dl = dlogits.to_host()?;
-        let dl = if dl.dtype() == dtype {
-            dl
-        } else {
-            dl.to_dtype(dtype)?
-        };
+        let dl = dlogits.to_like(&self.pe_ext)?;
         let mut g = Grads(want_params.then(|| self.params.zeros_like()));
 
         // fc head, backwards.
@@ -1062,7 +1061,7 @@ impl RelationClassifier {
             if !want_params {
                 return Ok(());
             }
-            let t = sum_over_tokens(du)?;
+            let t = ops::add_broadcast_backward(du, 1)?;
             dtemb = Some(match dtemb.take() {
                 Some(a) => ops::add(&a, &t)?,
                 None => t,
@@ -1338,7 +1337,8 @@ impl RelationClassifier {
         let gkv = ops::linear_backward(x, &w[1], &dkv, g.wants())?;
         if g.wants() {
             // The query path: d(query projection) summed over the rows it was repeated to.
-            let dqp = sum_rows(&merge_heads(&r.dq)?.reshape(&[a, d])?)?.reshape(&[1, d])?;
+            let dq = merge_heads(&r.dq)?.reshape(&[a, d])?;
+            let dqp = ops::add_broadcast_backward(&dq, 0)?.reshape(&[1, d])?;
             let gq = ops::linear_backward(&sv.qv, &w[0], &dqp, true)?;
             let cat = |x: Option<Tensor>, y: Option<Tensor>| -> Result<Option<Tensor>> {
                 match (x, y) {
@@ -1590,75 +1590,6 @@ fn attn_dims(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(usize, usize, usize)
         ));
     }
     Ok((s[0] * s[1], s[2], s[3]))
-}
-
-/// `x + v` with `v` repeated over `x`'s leading rows (x.numel() a multiple of v.numel()).
-fn add_tiled(x: &Tensor, v: &Tensor) -> Result<Tensor> {
-    const OP: &str = "add_tiled";
-    let k = v.numel();
-    if k == 0 || x.numel() % k != 0 || x.dtype() != v.dtype() {
-        return Err(Error::shape(
-            OP,
-            format!("x {:?} + tiled v {:?}", x.shape(), v.shape()),
-        ));
-    }
-    float_dispatch!(OP, x.dtype(), T => {
-        let (xv, vv) = (x.slice::<T>(OP)?, v.slice::<T>(OP)?);
-        let mut out = xv.to_vec();
-        out.chunks_mut(k).for_each(|r| r.iter_mut().zip(vv).for_each(|(a, &b)| *a += b));
-        Tensor::from_vec(out, x.shape())
-    })
-}
-
-/// `x (A, L, D) + v (A, D)[:, None, :]`.
-fn add_over_tokens(x: &Tensor, v: &Tensor) -> Result<Tensor> {
-    const OP: &str = "add_over_tokens";
-    let s = x.shape();
-    if s.len() != 3 || v.shape() != [s[0], s[2]] || x.dtype() != v.dtype() {
-        return Err(Error::shape(
-            OP,
-            format!("x {s:?} + v {:?} over tokens", v.shape()),
-        ));
-    }
-    let (l, dd) = (s[1], s[2]);
-    float_dispatch!(OP, x.dtype(), T => {
-        let (xv, vv) = (x.slice::<T>(OP)?, v.slice::<T>(OP)?);
-        let mut out = xv.to_vec();
-        out.chunks_mut(l * dd).zip(vv.chunks(dd)).for_each(|(blk, vr)| {
-            blk.chunks_mut(dd).for_each(|r| r.iter_mut().zip(vr).for_each(|(a, &b)| *a += b))
-        });
-        Tensor::from_vec(out, s)
-    })
-}
-
-/// `x (A, L, D)` summed over L -> (A, D): the backward of `add_over_tokens` to `v`.
-fn sum_over_tokens(x: &Tensor) -> Result<Tensor> {
-    const OP: &str = "sum_over_tokens";
-    let s = x.shape().to_vec();
-    if s.len() != 3 {
-        return Err(Error::shape(OP, format!("x {s:?} must be (A, L, D)")));
-    }
-    let (l, dd) = (s[1], s[2]);
-    float_dispatch!(OP, x.dtype(), T => {
-        let xv = x.slice::<T>(OP)?;
-        let mut out = vec![T::ZERO; s[0] * dd];
-        out.chunks_mut(dd).zip(xv.chunks(l * dd)).for_each(|(o, blk)| {
-            blk.chunks(dd).for_each(|r| o.iter_mut().zip(r).for_each(|(a, &b)| *a += b))
-        });
-        Tensor::from_vec(out, &[s[0], dd])
-    })
-}
-
-/// `x (R, K)` summed over R -> (K).
-fn sum_rows(x: &Tensor) -> Result<Tensor> {
-    const OP: &str = "sum_rows";
-    let k = *x.shape().last().unwrap_or(&0);
-    float_dispatch!(OP, x.dtype(), T => {
-        let xv = x.slice::<T>(OP)?;
-        let mut out = vec![T::ZERO; k];
-        xv.chunks(k.max(1)).for_each(|r| out.iter_mut().zip(r).for_each(|(a, &b)| *a += b));
-        Tensor::from_vec(out, &[k])
-    })
 }
 
 /// Row 0 of a (L, D) tensor, as (D).

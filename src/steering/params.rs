@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 
-use crate::{ops, DType, Error, Result, Tensor};
+use crate::weights::Placement;
+use crate::{ops, Error, Result, Tensor};
 
 #[derive(Clone, Debug, Default)]
 pub struct Params {
@@ -93,14 +94,14 @@ impl Params {
         }
     }
 
-    /// Every tensor converted to `dtype`.
-    pub fn to_dtype(&self, dtype: DType) -> Result<Params> {
+    /// Every tensor converted to `placement`'s dtype and moved to its device.
+    pub fn placed(&self, placement: &Placement) -> Result<Params> {
         Ok(Params {
             names: self.names.clone(),
             tensors: self
                 .tensors
                 .iter()
-                .map(|t| t.to_dtype(dtype))
+                .map(|t| placement.place(t))
                 .collect::<Result<_>>()?,
             index: self.index.clone(),
         })

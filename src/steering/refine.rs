@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::classifier::RelationClassifier;
 use super::unet_maps::unet_with_maps;
 use crate::models::unet::UNet2DConditionModel;
-use crate::{ops, Result, Tensor};
+use crate::{ops, DType, Result, Tensor};
 
 /// Every number of the loop, with the reference's SD2.1 values as defaults.
 #[derive(Clone, Debug, Serialize)]
@@ -105,6 +105,11 @@ pub struct MapLossEval {
 impl MapLoss for RelationClassifier {
     fn loss_and_grad(&self, maps: &Tensor, step: usize, class: usize) -> Result<MapLossEval> {
         let (logits, saved) = self.forward(maps, &[self.bucket_step(step)], None)?;
+        // The loss reads 5 numbers: on the host, in f32 for a bf16 (GPU) classifier.
+        let logits = match logits.dtype() {
+            DType::F32 | DType::F64 => logits.to_host()?,
+            _ => logits.to_place(DType::F32, None)?,
+        };
         let loss = ops::cross_entropy(&logits, &[class])?.to_vec::<f64>()?[0];
         let probs = ops::softmax(&logits)?.to_vec::<f64>()?;
         let dlogits = ops::cross_entropy_backward(&logits, &[class], 1.0)?;

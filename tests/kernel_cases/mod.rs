@@ -12,12 +12,16 @@
 //!   rounding of the output to bf16: 2^-9 of each element).
 //! - data movement (permute, concat, split, upsample): 0, exact copies.
 //! - the tiny SD2.1 UNet against diffusers (f32): see `unet_forward_matches_diffusers_in_bf16`.
+//! - map resizing and renormalisation (f32 in, f32 out): 1e-5. The kernels compute the bilinear
+//!   weights in f32 (the CPU in f64) and sum in another order: a few f32 roundings.
 //! - maps: 1e-4. They are f32 exps of f32 dot products of the bf16 inputs, as on the CPU; only the
 //!   summation order differs (measured about 2e-7).
 
 use steer::models::unet::UNet2DConditionModel;
 use steer::ops::{self, Activation, Capture, Conv2dParams};
 use steer::safetensors_io::SafetensorsFile;
+use steer::steering::capture::{assemble, assemble_backward, NativeMaps};
+use steer::steering::classifier::RelationClassifier;
 use steer::steering::unet_maps::unet_with_maps;
 use steer::weights::Placement;
 use steer::{cuda::emulated, DType, Tensor};
@@ -45,6 +49,7 @@ impl Target {
 
 const OUT_TOL: f64 = 1e-2;
 const MAP_TOL: f64 = 1e-4;
+const RESIZE_TOL: f64 = 1e-5;
 /// The tiny SD2.1 UNet's maps and latent gradient computed in bf16, against diffusers in f32:
 /// PyTorch's own bf16 run of the same computation (diffusers 0.42.1, torch 2.15, CPU, the
 /// fixture script's capture processor) is 6.4e-2 and 1.19e-1 away, since the random-weight model
@@ -376,7 +381,12 @@ pub fn latent_update_skips_non_finite_gradient(t: &Target) {
 
 /// `got` (on the target, bf16) against `want` (host f32) within `tol`.
 fn compare(t: &Target, what: &str, got: &Tensor, want: &Tensor, tol: f64) {
-    assert_eq!(got.dtype(), DType::BF16, "{}: {what}: dtype", t.name);
+    compare_as(t, what, got, DType::BF16, want, tol);
+}
+
+/// `compare` for a kernel whose output has `dtype`.
+fn compare_as(t: &Target, what: &str, got: &Tensor, dtype: DType, want: &Tensor, tol: f64) {
+    assert_eq!(got.dtype(), dtype, "{}: {what}: dtype", t.name);
     let err = f32_host(got).rel_error(want).unwrap();
     eprintln!("{}: {what}: rel error {err:.2e}", t.name);
     assert!(
@@ -450,6 +460,75 @@ pub fn data_movement_matches_cpu(t: &Target) {
         .enumerate()
     {
         compare(t, &format!("split part {i}"), g, &w, 0.0);
+    }
+}
+
+/// kernels/maps.cu and the f32 copies: bilinear resizes down, up, to the same size and odd both
+/// ways, with their backward, then the whole assembly of the classifier's input (SPEC section 3)
+/// from maps at three resolutions, and its backward.
+pub fn maps_match_cpu(t: &Target) {
+    for (i, (h, w, oh, ow)) in [
+        (12, 20, 5, 7),
+        (3, 4, 16, 16),
+        (16, 16, 16, 16),
+        (7, 5, 9, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 10 * i as u64;
+        let x = Tensor::rand_uniform(&[2, 3, h, w], 0.0, 1.0, DType::F32, seed);
+        let dy = Tensor::randn(&[2, 3, oh, ow], DType::F32, seed + 1);
+        let what = format!("resize {h}x{w} -> {oh}x{ow}");
+        let got = t
+            .on(|| ops::resize_bilinear(&(t.place)(&x), oh, ow))
+            .unwrap();
+        let want = ops::resize_bilinear(&x, oh, ow).unwrap();
+        compare_as(t, &what, &got, DType::F32, &want, RESIZE_TOL);
+        let got = t
+            .on(|| ops::resize_bilinear_backward(&(t.place)(&dy), h, w))
+            .unwrap();
+        let want = ops::resize_bilinear_backward(&dy, h, w).unwrap();
+        compare_as(
+            t,
+            &format!("{what} backward"),
+            &got,
+            DType::F32,
+            &want,
+            RESIZE_TOL,
+        );
+    }
+    let sizes = [(8, 3), (32, 2), (16, 1)];
+    let natives: Vec<Tensor> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &(s, heads))| {
+            Tensor::rand_uniform(&[1, 2, heads, s * s], 0.0, 1.0, DType::F32, 50 + i as u64)
+        })
+        .collect();
+    fn layers<'a>(ts: &'a [Tensor], sizes: &[(usize, usize)]) -> Vec<NativeMaps<'a>> {
+        ts.iter()
+            .zip(sizes)
+            .map(|(maps, &(s, _))| NativeMaps {
+                maps,
+                height: s,
+                width: s,
+            })
+            .collect()
+    }
+    let placed: Vec<Tensor> = natives.iter().map(|x| (t.place)(x)).collect();
+    let dmaps = Tensor::randn(&[1, 2, 6, 16, 16], DType::F32, 60);
+    let (got, got_grads) = t.on(|| {
+        let (maps, a) = assemble(&layers(&placed, &sizes)).unwrap();
+        let grads = assemble_backward(&layers(&placed, &sizes), &a, &(t.place)(&dmaps)).unwrap();
+        (maps, grads)
+    });
+    let (want, a) = assemble(&layers(&natives, &sizes)).unwrap();
+    compare_as(t, "assembled maps", &got, DType::F32, &want, RESIZE_TOL);
+    let want_grads = assemble_backward(&layers(&natives, &sizes), &a, &dmaps).unwrap();
+    for (i, (g, w)) in got_grads.iter().zip(&want_grads).enumerate() {
+        let what = format!("assembly backward, layer {i}");
+        compare_as(t, &what, g, DType::F32, w, RESIZE_TOL);
     }
 }
 
@@ -680,12 +759,18 @@ pub fn unet_steering_pass_matches_diffusers_in_bf16(t: &Target) {
         (o.maps, grad)
     });
     assert!(
-        maps.is_host() && grad.is_host(),
-        "{}: results come back to the host",
+        grad.is_host(),
+        "{}: the gradient comes back to the host",
+        t.name
+    );
+    assert_eq!(
+        maps.is_host(),
+        t.emulate,
+        "{}: the maps stay where the model is",
         t.name
     );
     let want = get("maps.maps");
-    let err = maps
+    let err = f32_host(&maps)
         .reshape(want.shape())
         .unwrap()
         .rel_error(&want)
@@ -702,4 +787,52 @@ pub fn unet_steering_pass_matches_diffusers_in_bf16(t: &Target) {
         "{}: latent gradient rel error {err:e}",
         t.name
     );
+}
+
+/// The relation classifier placed on the target (bf16 parameters and activations), forward and
+/// input gradient, against the reference implementation's model in float64 (the fixture of
+/// tests/classifier.rs, written by tests/reference/classifier_fixtures.py). Tolerance: twice how
+/// far PyTorch's own bf16 run of the same model lands from float64, which the fixture records
+/// (logits 8.9e-3, maps gradient 8.7e-2: the softmax-pooled gradient amplifies rounding).
+pub fn classifier_matches_pytorch_in_bf16(t: &Target) {
+    let reference =
+        SafetensorsFile::open("tests/fixtures/classifier-reference.safetensors").unwrap();
+    let meta = reference.metadata().unwrap();
+    let tol = |key: &str| 2.0 * meta[key].parse::<f64>().unwrap();
+    let get = |name: &str| reference.tensor(name).unwrap();
+    let steps: Vec<usize> = get("steps")
+        .to_vec::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|s| s as usize)
+        .collect();
+    let model = RelationClassifier::load("tests/fixtures/classifier-sd.safetensors")
+        .unwrap()
+        .placed(&t.placement)
+        .unwrap();
+    let maps = (t.place)(&get("maps").to_dtype(DType::BF16).unwrap());
+    let cot = (t.place)(&get("logits_cotangent").to_dtype(DType::BF16).unwrap());
+    let (logits, grad) = t.on(|| {
+        let (logits, saved) = model.forward(&maps, &steps, None).unwrap();
+        let grad = model.input_grad(&saved, &cot).unwrap();
+        (logits, grad)
+    });
+    for (what, got, want, key) in [
+        ("logits", &logits, "logits", "bf16_vs_f64.logits"),
+        ("maps gradient", &grad, "maps_grad", "bf16_vs_f64.maps_grad"),
+    ] {
+        assert_eq!(got.is_host(), t.emulate, "{}: {what} on the target", t.name);
+        let want = get(want).to_dtype(DType::F32).unwrap();
+        let err = f32_host(got).rel_error(&want).unwrap();
+        let tol = tol(key);
+        eprintln!(
+            "{}: classifier {what}: rel error {err:.2e} (tolerance {tol:.2e})",
+            t.name
+        );
+        assert!(
+            err <= tol,
+            "{}: classifier {what}: rel error {err:e} > {tol:e}",
+            t.name
+        );
+    }
 }

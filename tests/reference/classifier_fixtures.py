@@ -27,6 +27,7 @@ Reference tensors (`classifier-reference.safetensors`):
   logits_cotangent (3, 5) f64
   maps_grad f64                  d sum(logits * logits_cotangent) / d maps, float64 autograd
   logits_f32, maps_grad_f32 f32  the same in float32, on `maps` rounded to float32
+  (metadata) bf16_vs_f64.*       how far PyTorch's bfloat16 run is from logits and maps_grad
   grad.<param> f64               d sum(logits * cot) / d param for a selection of parameters
   grad_l2, grad_sum (P) f64      the L2 norm and the sum of every parameter's gradient, in
                                  `parameter_order` (metadata: named_parameters() order)
@@ -172,6 +173,16 @@ def main() -> None:
         g32 = ((x32.grad.double() - x.grad).abs().max() / x.grad.abs().max()).item()
         print(f"float32 vs float64 reference: logits {e32:.2e}, maps_grad {g32:.2e}")
 
+        # bfloat16 (the CUDA backend's precision) on `maps` rounded to bfloat16: how far PyTorch's
+        # own bf16 run lands from float64, the scale of the GPU tests' tolerances.
+        m16 = ref_utils.load_model(str(pth), device_name="cpu").bfloat16().eval()
+        x16 = maps.bfloat16().requires_grad_(True)
+        logits16 = m16(x16, steps.unsqueeze(1))
+        (logits16 * cot.bfloat16()).sum().backward()
+        e16 = ((logits16.double() - logits).abs().max() / logits.abs().max()).item()
+        g16 = ((x16.grad.double() - x.grad).abs().max() / x.grad.abs().max()).item()
+        print(f"bfloat16 vs float64 reference: logits {e16:.2e}, maps_grad {g16:.2e}")
+
         tensors = {
             "maps": maps,
             "steps": steps,
@@ -195,6 +206,8 @@ def main() -> None:
             "input_channels": N,
             "f32_vs_f64.logits": f"{e32:.3e}",
             "f32_vs_f64.maps_grad": f"{g32:.3e}",
+            "bf16_vs_f64.logits": f"{e16:.3e}",
+            "bf16_vs_f64.maps_grad": f"{g16:.3e}",
         })
 
 

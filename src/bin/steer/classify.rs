@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use clap::Args;
+
+use crate::device::{cpu_only, Device};
 use steer::safetensors_io::{self, SafetensorsFile};
 use steer::steering::classifier::RelationClassifier;
 use steer::{DType, Error, Result, Tensor};
@@ -42,6 +44,9 @@ pub struct ClassifyArgs {
     /// Compute in float64 and write float64 outputs (a reference check against PyTorch).
     #[arg(long)]
     pub f64: bool,
+    /// Where the classifier runs: cpu (f32), cuda or cuda:N (bf16 on that GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
 }
 
 fn tensor(file: &SafetensorsFile, name: &str) -> Result<Tensor> {
@@ -55,10 +60,16 @@ fn tensor(file: &SafetensorsFile, name: &str) -> Result<Tensor> {
 }
 
 pub fn run(args: &ClassifyArgs) -> Result<()> {
-    let mut model = RelationClassifier::load(&args.classifier)?;
-    if args.f64 {
-        model = model.to_dtype(DType::F64)?;
+    if args.f64 && args.device != Device::Cpu {
+        return Err(cpu_only("--f64"));
     }
+    let dtype = if args.f64 { DType::F64 } else { DType::F32 };
+    let model = RelationClassifier::load(&args.classifier)?;
+    let model = if args.f64 {
+        model.to_dtype(DType::F64)?
+    } else {
+        model.placed(&args.device.placement()?)?
+    };
     let inputs = SafetensorsFile::open(&args.inputs)?;
     let mut maps = tensor(&inputs, "maps")?;
     if maps.dtype() == DType::I64 {
@@ -97,6 +108,9 @@ pub fn run(args: &ClassifyArgs) -> Result<()> {
         }
     };
     let (logits, saved) = model.forward(&maps, &steps, None)?;
+    // Written as float32 (float64 with --f64) whatever the device computed in.
+    let output = |t: Tensor| t.to_host()?.to_dtype(dtype);
+    let logits = output(logits)?;
     let mut outs = vec![("logits".to_string(), logits.clone())];
     if inputs.contains("logits_cotangent") {
         let cot = tensor(&inputs, "logits_cotangent")?;
@@ -110,8 +124,8 @@ pub fn run(args: &ClassifyArgs) -> Result<()> {
                 ),
             ));
         }
-        let g = model.input_grad(&saved, &cot.to_dtype(model.dtype())?)?;
-        outs.push(("maps_grad".into(), g.reshape(maps.shape())?));
+        let g = model.input_grad(&saved, &cot)?;
+        outs.push(("maps_grad".into(), output(g)?.reshape(maps.shape())?));
     }
     let named: Vec<(&str, &Tensor)> = outs.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let meta = HashMap::from([(

@@ -89,15 +89,19 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         Some(dir) => dir.clone(),
         None => steer::shapes::model::shipped_model_dir()?,
     };
-    let pipe = StableDiffusion::from_dir_placed(&model, args.device.placement()?)?;
+    let placement = args.device.placement()?;
+    let pipe = StableDiffusion::from_dir_placed(&model, placement.clone())?;
+    // The classifiers go where the UNet is.
     let load = |given: &Option<PathBuf>, name: &str| -> Result<Option<RelationClassifier>> {
-        match given {
-            Some(path) => Ok(Some(RelationClassifier::load(path)?)),
-            None if shipped => steer::shapes::model::shipped_file(name)
-                .map(RelationClassifier::load)
-                .transpose(),
-            None => Ok(None),
-        }
+        let path = match given {
+            Some(path) => path.clone(),
+            None if shipped => match steer::shapes::model::shipped_file(name) {
+                Some(path) => path,
+                None => return Ok(None),
+            },
+            None => return Ok(None),
+        };
+        Ok(Some(RelationClassifier::load(path)?.placed(&placement)?))
     };
     let learned = load(&args.classifier, "classifier.safetensors")?;
     let single = load(&args.single_classifier, "classifier-single.safetensors")?;

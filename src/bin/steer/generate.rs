@@ -11,6 +11,7 @@ use steer::shapes::model::{shipped_file, shipped_model_dir};
 use steer::steering::classifier::RelationClassifier;
 use steer::steering::prompt::{parse_relations, triplet_token_indices};
 use steer::steering::refine::{Steerer, SteeringConfig, SteeringTarget};
+use steer::weights::Placement;
 use steer::{image, DType, Error, Result, Tensor};
 
 #[derive(Args)]
@@ -98,7 +99,8 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         }
     };
     let shipped = args.model.is_none();
-    let pipe = StableDiffusion::from_dir_placed(&model, args.device.placement()?)?;
+    let placement = args.device.placement()?;
+    let pipe = StableDiffusion::from_dir_placed(&model, placement.clone())?;
     let guidance = args.guidance.unwrap_or(if shipped {
         EvalSettings::default().guidance
     } else {
@@ -130,7 +132,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         None => None,
     };
     let steering = match &classifier {
-        Some(path) => load_steering(&pipe, path, &args.prompt)?,
+        Some(path) => load_steering(&pipe, &placement, path, &args.prompt)?,
         None => None,
     };
     let config = SteeringConfig {
@@ -211,12 +213,14 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
 
 /// The classifier and the prompt's relations as steering targets; `None` (with a message) when
 /// the prompt names no relation.
+/// The classifier goes where the UNet is (`placement`).
 fn load_steering(
     pipe: &StableDiffusion,
+    placement: &Placement,
     path: &std::path::Path,
     prompt: &str,
 ) -> Result<Option<(RelationClassifier, Vec<SteeringTarget>)>> {
-    let classifier = RelationClassifier::load(path)?;
+    let classifier = RelationClassifier::load(path)?.placed(placement)?;
     let n: usize = pipe
         .unet
         .cross_attention_layers()

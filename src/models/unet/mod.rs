@@ -59,7 +59,8 @@ pub struct UNet2DConditionModel {
 
 /// Maps captured in one cross-attention layer, at its native resolution.
 pub struct LayerMaps {
-    /// (B, words, heads, h * w): each word's attention probabilities, averaged over its tokens.
+    /// (B, words, heads, h * w): each word's attention probabilities, averaged over its tokens;
+    /// f32, on the model's device.
     pub maps: Tensor,
     pub height: usize,
     pub width: usize,
@@ -413,9 +414,9 @@ impl UNet2DConditionModel {
                 let (y2, m, ts) = a.forward(&y, context, capture)?;
                 let (hh, ww) = (y.shape()[2], y.shape()[3]);
                 for m in m {
-                    // The maps are small: the classifier and their resizing run on the host.
+                    // f32, on the model's device: resized and classified there.
                     maps.push(LayerMaps {
-                        maps: m.to_host()?,
+                        maps: m,
                         height: hh,
                         width: ww,
                     });
