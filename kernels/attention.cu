@@ -2,6 +2,7 @@
 //
 // What it computes (one (batch, head) pair bh per gridDim.y, tensors (B*H, L, D) row-major, bf16):
 //   S = scale Q K^T, P = softmax_rows(S), O = P V, lse_i = log sum_j exp S_ij       (forward)
+//   with `causal`, S_ij = -inf for j > i (CLIP's text encoder; forward only, no capture)
 //   maps[b, w, h, i] = mean over word w's key columns j of Pm_ij                      (capture)
 // where Pm is the map softmax: P itself when the map columns [c0, c1) are all keys (SD2.1), or a
 // softmax of the same logits over [c0, c1) only (FLUX's text columns), kept as a second running
@@ -163,7 +164,8 @@ __device__ __forceinline__ void mma_tile(float (*acc)[4], const bf16* as, int ld
 STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     attention_forward(const bf16* __restrict__ q, const bf16* __restrict__ k,
                       const bf16* __restrict__ v, bf16* __restrict__ o, float* __restrict__ lse,
-                      int lq, int lk, int d, int dv, float scale, int heads, int n_words,
+                      int lq, int lk, int d, int dv, float scale, int causal, int heads,
+                      int n_words,
                       const int* __restrict__ word_off, const int* __restrict__ word_pos,
                       const int* __restrict__ cap_cols, int map_c0, int map_c1,
                       float* __restrict__ lse_map, float* __restrict__ maps) {
@@ -205,13 +207,16 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     for (int j = 0; j < ATT_DMAX / 8; ++j)
         for (int i = 0; i < 4; ++i) acc_o[j][i] = 0.f;
 
-    for (int it = 0, k0 = 0; k0 < lk; ++it, k0 += ATT_BK) {
+    // Causal: no key past this block's last row (key 0 is in every row's first tile, so each
+    // row's running max is finite from the first tile on).
+    const int kend = causal ? min(lk, r0 + ATT_BQ) : lk;
+    for (int it = 0, k0 = 0; k0 < kend; ++it, k0 += ATT_BK) {
         const bool odd = it & 1;
         const bf16* kcur = odd ? ks1 : ks0;
         const bf16* vcur = odd ? vs1 : vs0;
         // Prefetch the next tile into the other buffers (last read before the previous barrier),
         // then wait for this one.
-        if (k0 + ATT_BK < lk) {
+        if (k0 + ATT_BK < kend) {
             load_rows(odd ? ks0 : ks1, ldq, k, k0 + ATT_BK, ATT_BK, lk, d, dp);
             load_rows(odd ? vs0 : vs1, ldv, v, k0 + ATT_BK, ATT_BK, lk, dv, dvp);
             cp_async_commit();
@@ -233,7 +238,9 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
                 const int col = k0 + j * 8 + 2 * t + (i & 1);
-                const float x = col < lk ? s[j][i] * scale_log2 : neg_inf();
+                const int row = r0 + warp * 16 + g + 8 * (i >> 1);
+                const bool seen = col < lk && (!causal || col <= row);
+                const float x = seen ? s[j][i] * scale_log2 : neg_inf();
                 s[j][i] = x;
                 rmax[i >> 1] = fmaxf(rmax[i >> 1], x);
                 if (col >= map_c0 && col < map_c1) rmax_m[i >> 1] = fmaxf(rmax_m[i >> 1], x);
@@ -314,6 +321,29 @@ STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     }
 }
 STEER_EMU_EXPORT(attention_forward)
+
+// softmax_rows: p = softmax(scale s) over rows of n, in place allowed (each thread rewrites only
+// what it read): the middle step of the explicit path for head dims past ATT_DMAX (the VAE's one
+// 512-wide head), whose products are gemm_bt's. One block of 256 threads a row; three passes
+// (max, sum, write) over 2n bytes, f32 arithmetic.
+#define SOFTMAX_THREADS 256
+STEER_KERNEL void __launch_bounds__(SOFTMAX_THREADS)
+    softmax_rows(bf16* p, const bf16* s, long long n, float scale) {
+    __shared__ float scratch[SOFTMAX_THREADS / 32];
+    const size_t base = (size_t)blockIdx.x * n;
+    const float scale_log2 = scale * LOG2E;
+    float mx = neg_inf();
+    for (long long e = threadIdx.x; e < n; e += SOFTMAX_THREADS)
+        mx = fmaxf(mx, bf16_to_float(s[base + e]) * scale_log2);
+    mx = block_reduce<SOFTMAX_THREADS>(mx, scratch, MaxOp());
+    float sum = 0.f;
+    for (long long e = threadIdx.x; e < n; e += SOFTMAX_THREADS)
+        sum += exp2f(bf16_to_float(s[base + e]) * scale_log2 - mx);
+    const float inv = 1.f / block_sum<SOFTMAX_THREADS>(sum, scratch);
+    for (long long e = threadIdx.x; e < n; e += SOFTMAX_THREADS)
+        p[base + e] = float_to_bf16(exp2f(bf16_to_float(s[base + e]) * scale_log2 - mx) * inv);
+}
+STEER_EMU_EXPORT(softmax_rows)
 
 STEER_KERNEL void __launch_bounds__(ATT_THREADS)
     attention_backward_prep(const bf16* __restrict__ o, const bf16* __restrict__ dout, int lq,

@@ -131,16 +131,27 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Sum over a block of THREADS threads (a multiple of 32); every thread gets the result. `scratch`
-// holds THREADS / 32 floats of shared memory; calls may follow each other on the same scratch.
-template <int THREADS>
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+// A reduction over a block of THREADS threads (a multiple of 32) with `op` (SumOp, MaxOp); every
+// thread gets the result. `scratch` holds THREADS / 32 floats of shared memory; calls may follow
+// each other on the same scratch.
+struct SumOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+template <int THREADS, typename Op>
+__device__ __forceinline__ float block_reduce(float v, float* scratch, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     __syncthreads();  // scratch is free (a previous call may still be reading it)
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    float total = 0.f;
-    for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
+    float total = scratch[0];
+    for (int w = 1; w < THREADS / 32; ++w) total = op(total, scratch[w]);
     return total;
+}
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    return block_reduce<THREADS>(v, scratch, SumOp());
 }

@@ -3,7 +3,9 @@
 //
 // ew_binary      out = a (+, -, *) b                         (ops::add, sub, mul)
 // ew_scale       out = s x                                   (ops::scale)
-// ew_activation  out = silu(x), gelu(x) (exact, erf) or leaky relu (relu: slope 0)
+//                (both also on f32: ew_binary32, ew_scale32)
+// cast_*         bf16 <-> f32                                (Tensor::to_dtype on a GPU)
+// ew_activation  out = silu(x), gelu(x) (exact, erf), quick_gelu(x) or leaky relu (relu: slope 0)
 //                                                            (ops::activation)
 // geglu          out = h * gelu(g), (h, g) = x.chunk(2, -1)  (ops::geglu)
 // add_broadcast  out[o, m, i] = x[o, m, i] + v[o, i]         (ops::add_broadcast,
@@ -31,6 +33,7 @@
 #define ACT_SILU 0
 #define ACT_GELU 1
 #define ACT_LEAKY_RELU 2  // max(x, 0) + slope min(x, 0); ReLU is slope 0
+#define ACT_QUICK_GELU 3  // x sigmoid(1.702 x) (CLIP's quick_gelu)
 
 __device__ __forceinline__ float silu(float x) { return x / (1.f + expf(-x)); }
 __device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x * 0.70710678118654752f)); }
@@ -46,27 +49,82 @@ __device__ __forceinline__ float gelu_grad(float x) {
 
 // The activation `act` (ACT_*) and its derivative; `slope` is the leaky ReLU's.
 __device__ __forceinline__ float activate(float x, int act, float slope) {
-    return act == ACT_SILU ? silu(x) : act == ACT_GELU ? gelu(x) : x > 0.f ? x : slope * x;
-}
-__device__ __forceinline__ float activate_grad(float x, int act, float slope) {
-    return act == ACT_SILU ? silu_grad(x) : act == ACT_GELU ? gelu_grad(x) : x > 0.f ? 1.f : slope;
-}
-
-STEER_KERNEL void ew_binary(bf16* __restrict__ out, const bf16* __restrict__ a,
-                            const bf16* __restrict__ b, unsigned long long n, int op) {
-    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
-        const float x = bf16_to_float(a[i]), y = bf16_to_float(b[i]);
-        out[i] = float_to_bf16(op == EW_ADD ? x + y : op == EW_SUB ? x - y : x * y);
+    switch (act) {
+        case ACT_SILU: return silu(x);
+        case ACT_GELU: return gelu(x);
+        case ACT_QUICK_GELU: return x / (1.f + expf(-1.702f * x));
+        default: return x > 0.f ? x : slope * x;
     }
 }
-STEER_EMU_EXPORT(ew_binary)
+__device__ __forceinline__ float activate_grad(float x, int act, float slope) {
+    switch (act) {
+        case ACT_SILU: return silu_grad(x);
+        case ACT_GELU: return gelu_grad(x);
+        case ACT_QUICK_GELU: {
+            const float s = 1.f / (1.f + expf(-1.702f * x));
+            return s + 1.702f * x * s * (1.f - s);
+        }
+        default: return x > 0.f ? 1.f : slope;
+    }
+}
 
+// f32 arithmetic on bf16 or f32 storage (the f32 variants serve latents: the scheduler's steps
+// and classifier-free guidance stay on the GPU).
+__device__ __forceinline__ float load_f(bf16 v) { return bf16_to_float(v); }
+__device__ __forceinline__ float load_f(float v) { return v; }
+__device__ __forceinline__ void store_f(bf16& dst, float v) { dst = float_to_bf16(v); }
+__device__ __forceinline__ void store_f(float& dst, float v) { dst = v; }
+
+template <typename T>
+__device__ __forceinline__ void binary_elements(T* __restrict__ out, const T* __restrict__ a,
+                                                const T* __restrict__ b, unsigned long long n,
+                                                int op) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
+        const float x = load_f(a[i]), y = load_f(b[i]);
+        store_f(out[i], op == EW_ADD ? x + y : op == EW_SUB ? x - y : x * y);
+    }
+}
+STEER_KERNEL void ew_binary(bf16* __restrict__ out, const bf16* __restrict__ a,
+                            const bf16* __restrict__ b, unsigned long long n, int op) {
+    binary_elements(out, a, b, n, op);
+}
+STEER_EMU_EXPORT(ew_binary)
+STEER_KERNEL void ew_binary32(float* __restrict__ out, const float* __restrict__ a,
+                              const float* __restrict__ b, unsigned long long n, int op) {
+    binary_elements(out, a, b, n, op);
+}
+STEER_EMU_EXPORT(ew_binary32)
+
+template <typename T>
+__device__ __forceinline__ void scale_elements(T* __restrict__ out, const T* __restrict__ x,
+                                               float s, unsigned long long n) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count())
+        store_f(out[i], s * load_f(x[i]));
+}
 STEER_KERNEL void ew_scale(bf16* __restrict__ out, const bf16* __restrict__ x, float s,
                            unsigned long long n) {
-    for (size_t i = global_thread_index(); i < n; i += global_thread_count())
-        out[i] = float_to_bf16(s * bf16_to_float(x[i]));
+    scale_elements(out, x, s, n);
 }
 STEER_EMU_EXPORT(ew_scale)
+STEER_KERNEL void ew_scale32(float* __restrict__ out, const float* __restrict__ x, float s,
+                             unsigned long long n) {
+    scale_elements(out, x, s, n);
+}
+STEER_EMU_EXPORT(ew_scale32)
+
+// Dtype conversions on the device (round to nearest even, as half::bf16 on the host).
+STEER_KERNEL void cast_f32_to_bf16(bf16* __restrict__ out, const float* __restrict__ x,
+                                   unsigned long long n) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count())
+        out[i] = float_to_bf16(x[i]);
+}
+STEER_EMU_EXPORT(cast_f32_to_bf16)
+STEER_KERNEL void cast_bf16_to_f32(float* __restrict__ out, const bf16* __restrict__ x,
+                                   unsigned long long n) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count())
+        out[i] = bf16_to_float(x[i]);
+}
+STEER_EMU_EXPORT(cast_bf16_to_f32)
 
 STEER_KERNEL void ew_activation(bf16* __restrict__ out, const bf16* __restrict__ x,
                                 unsigned long long n, int act, float slope) {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The device check: every CUDA test with the GPU required, `steer forward --device cuda` on the
-# tiny SD2.1 fixture, and the attention benchmark, on a GPU machine that has no Rust toolchain.
+# The device check: every CUDA test with the GPU required, `steer forward --device cuda` on each
+# tiny SD2.1 component and `steer classify --device cuda` on the classifier fixture, steered
+# generation on both devices, and the attention benchmark, on a GPU machine that has no Rust toolchain.
 # Two halves:
 #
 #   scripts/device-check.sh build   # here, with Rust and nvcc: builds into device-check/
@@ -64,15 +65,26 @@ import torch
 from safetensors.torch import load_file, save_file
 out = sys.argv[1]
 ref = load_file("tests/fixtures/tiny-sd21-reference.safetensors")
-save_file({k: ref["unet." + k] for k in ("sample", "timestep", "encoder_hidden_states")},
-          f"{out}/unet-in.safetensors")
-subprocess.run(["device-check/steer", "forward", "--model", "tests/fixtures/tiny-sd21",
-                "--component", "unet", "--inputs", f"{out}/unet-in.safetensors",
-                "--out", f"{out}/unet-out.safetensors", "--device", "cuda"], check=True)
-got, want = load_file(f"{out}/unet-out.safetensors")["out"], ref["unet.out"].float()
-err = ((got - want).abs().max() / want.abs().max()).item()
-print(f"steer forward --device cuda, tiny SD2.1 UNet: rel error {err:.2e} vs diffusers f32")
-ok = err < 5e-2
+ok = True
+# component, inputs (forward's name: the fixture's), output (forward's: the fixture's), tolerance
+# (tests/kernel_cases': about twice PyTorch's own bf16 error, tests/reference/bf16_errors.py).
+for comp, ins, (name, key), tol in [
+    ("unet", {k: "unet." + k for k in ("sample", "timestep", "encoder_hidden_states")},
+     ("out", "unet.out"), 5e-2),
+    ("text-encoder", {"input_ids": "text.input_ids"},
+     ("last_hidden_state", "text.last_hidden_state"), 1.8e-2),
+    ("vae-decoder", {"latent": "vae.latent"}, ("decoded", "vae.decoded"), 3e-2),
+    ("vae-encoder", {"image": "vae.image"}, ("encoded_mean", "vae.encoded_mean"), 2.4e-2),
+]:
+    save_file({k: ref[v] for k, v in ins.items()}, f"{out}/{comp}-in.safetensors")
+    subprocess.run(["device-check/steer", "forward", "--model", "tests/fixtures/tiny-sd21",
+                    "--component", comp, "--inputs", f"{out}/{comp}-in.safetensors",
+                    "--out", f"{out}/{comp}-out.safetensors", "--device", "cuda"], check=True)
+    got, want = load_file(f"{out}/{comp}-out.safetensors")[name], ref[key].float()
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"steer forward --device cuda, tiny SD2.1 {comp}: rel error {err:.2e} vs PyTorch f32 "
+          f"(tolerance {tol:.1e})")
+    ok = ok and err < tol
 # The classifier on the GPU against the reference model in float64; tolerance twice PyTorch's own
 # bf16 error, which the fixture records (as tests/kernel_cases does).
 from safetensors import safe_open

@@ -287,7 +287,7 @@ impl Tensor {
     }
 
     /// This tensor in `dtype` on `device` (the host for `None`). Dtype conversions run on the
-    /// host, so a GPU tensor that changes dtype makes a round trip.
+    /// host, except bf16 <-> f32 on a GPU that keeps the tensor (a kernel there).
     pub(crate) fn to_place(
         &self,
         dtype: DType,
@@ -300,6 +300,12 @@ impl Tensor {
         };
         if same_place && self.dtype() == dtype {
             return Ok(self.clone());
+        }
+        let floats = [DType::BF16, DType::F32];
+        if let (true, Some(dev)) = (same_place, device) {
+            if floats.contains(&self.dtype()) && floats.contains(&dtype) {
+                return crate::cuda::elementwise::cast(dev, self, dtype);
+            }
         }
         let host = self.to_host()?;
         // No copy when only the device changes.

@@ -41,6 +41,11 @@ fn attention_rejects_bad_input() {
 }
 
 #[test]
+fn attention_variants_match_cpu() {
+    kernel_cases::attention_variants_match_cpu(&emulated());
+}
+
+#[test]
 fn latent_update_matches_cpu_bit_for_bit() {
     kernel_cases::latent_update_matches_cpu_bit_for_bit(&emulated());
 }
@@ -93,4 +98,14 @@ fn unet_steering_pass_matches_diffusers_in_bf16() {
 #[test]
 fn classifier_matches_pytorch_in_bf16() {
     kernel_cases::classifier_matches_pytorch_in_bf16(&emulated());
+}
+
+#[test]
+fn text_encoder_and_vae_match_pytorch_in_bf16() {
+    kernel_cases::text_encoder_and_vae_match_pytorch_in_bf16(&emulated());
+}
+
+#[test]
+fn sampling_matches_diffusers_in_bf16() {
+    kernel_cases::sampling_matches_diffusers_in_bf16(&emulated());
 }

@@ -6,11 +6,13 @@
 
 use half::bf16;
 
+use super::gemm::{gemm_bt, BLayout};
 use super::launch::{Arg, KernelCall};
 use super::memory::Memory;
 use crate::error::{Error, Result};
 use crate::ops::attention::{
-    check_backward_shapes, check_capture, dims, AttentionGrads, AttentionOutput, Capture, Dims,
+    check_backward_shapes, check_capture, check_causal, dims, AttentionGrads, AttentionOutput,
+    Capture, Dims,
 };
 use crate::Tensor;
 
@@ -84,23 +86,26 @@ fn round16(x: usize) -> usize {
     x.div_ceil(16) * 16
 }
 
-/// Checks what the kernels support beyond the CPU op's own checks.
+/// Checks what the kernels support beyond the CPU op's own checks; `fused`: the fused kernels'
+/// head-dim limit applies.
 fn check(
     op: &'static str,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     capture: Option<&Capture>,
+    fused: bool,
 ) -> Result<Dims> {
     let dm = dims(op, q, k, v)?;
     if let Some(c) = capture {
         check_capture(op, c, dm.lk)?;
     }
-    if dm.d > DMAX || dm.dv > DMAX {
+    if fused && !fits_fused(&dm) {
         return Err(Error::shape(
             op,
             format!(
-                "head dims {} and {}: the fused kernel takes at most {DMAX}",
+                "head dims {} and {}: the fused kernel takes at most {DMAX} (wider heads run \
+                 without capture, causal mask or backward)",
                 dm.d, dm.dv
             ),
         ));
@@ -123,6 +128,10 @@ fn check(
     Ok(dm)
 }
 
+fn fits_fused(dm: &Dims) -> bool {
+    dm.d <= DMAX && dm.dv <= DMAX
+}
+
 fn grid(rows: usize, per_block: usize, dm: &Dims) -> [u32; 3] {
     [rows.div_ceil(per_block) as u32, (dm.b * dm.h) as u32, 1]
 }
@@ -135,6 +144,7 @@ fn forward<M: Memory>(
     v: u64,
     dm: &Dims,
     scale: f64,
+    causal: bool,
     t: &Tables<M>,
 ) -> Result<Forward<M>> {
     let rows = dm.b * dm.h * dm.lq;
@@ -164,6 +174,7 @@ fn forward<M: Memory>(
             Arg::I32(dm.d as i32),
             Arg::I32(dm.dv as i32),
             Arg::F32(scale as f32),
+            Arg::I32(causal as i32),
             Arg::I32(dm.h as i32),
             Arg::I32(t.n_words),
             Arg::Ptr(m.addr(&t.word_off)),
@@ -179,8 +190,10 @@ fn forward<M: Memory>(
     Ok(f)
 }
 
-/// softmax(q k^T * scale) v with optional capture, on `m`: `ops::attention`'s contract with bf16
-/// q, k, v (and output) and f32 maps.
+/// softmax(q k^T * scale) v with optional capture (or with a causal mask: `Lq == Lk`, no
+/// capture), on `m`: `ops::attention`'s contract with bf16 q, k, v (and output) and f32 maps.
+/// Head dims past the fused kernel's run the explicit path (no capture, no mask).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention<M: Memory>(
     m: &M,
     q: &Tensor,
@@ -188,16 +201,33 @@ pub(crate) fn attention<M: Memory>(
     v: &Tensor,
     scale: f64,
     capture: Option<&Capture>,
+    causal: bool,
 ) -> Result<AttentionOutput> {
     const OP: &str = "attention (CUDA kernel)";
-    let dm = check(OP, q, k, v, capture)?;
-    let t = Tables::new(m, capture, dm.lk)?;
+    let explicit = capture.is_none() && !causal && !fits_fused(&dims(OP, q, k, v)?);
+    let dm = check(OP, q, k, v, capture, !explicit)?;
+    if causal {
+        check_causal(OP, &dm, true)?;
+        if capture.is_some() {
+            return Err(Error::Invalid(format!(
+                "{OP}: a causal mask with map capture has no kernel"
+            )));
+        }
+    }
     let (qa, ka, va) = (
         m.tensor_addr::<bf16>(OP, q)?,
         m.tensor_addr::<bf16>(OP, k)?,
         m.tensor_addr::<bf16>(OP, v)?,
     );
-    let f = forward(m, qa, ka, va, &dm, scale, &t)?;
+    if explicit {
+        let out = explicit_forward(m, qa, ka, va, &dm, scale)?;
+        return Ok(AttentionOutput {
+            out: m.tensor(out, &[dm.b, dm.h, dm.lq, dm.dv])?,
+            maps: None,
+        });
+    }
+    let t = Tables::new(m, capture, dm.lk)?;
+    let f = forward(m, qa, ka, va, &dm, scale, causal, &t)?;
     let maps = match capture {
         Some(c) => Some(m.tensor(f.maps, &[dm.b, c.words.len(), dm.h, dm.lq])?),
         None => None,
@@ -222,7 +252,7 @@ pub(crate) fn attention_backward<M: Memory>(
     kv_grads: bool,
 ) -> Result<AttentionGrads> {
     const OP: &str = "attention_backward (CUDA kernel)";
-    let dm = check(OP, q, k, v, capture.map(|(c, _)| c))?;
+    let dm = check(OP, q, k, v, capture.map(|(c, _)| c), true)?;
     check_backward_shapes(OP, &dm, dout, capture)?;
     let dmaps = match capture {
         Some((_, g)) => m.tensor_addr::<f32>(OP, g)?,
@@ -235,7 +265,7 @@ pub(crate) fn attention_backward<M: Memory>(
         m.tensor_addr::<bf16>(OP, v)?,
     );
     let doa = m.tensor_addr::<bf16>(OP, dout)?;
-    let f = forward(m, qa, ka, va, &dm, scale, &t)?;
+    let f = forward(m, qa, ka, va, &dm, scale, false, &t)?;
 
     let rows = dm.b * dm.h * dm.lq;
     let capture_rows = if t.n_words > 0 { rows } else { 1 };
@@ -330,4 +360,56 @@ pub(crate) fn attention_backward<M: Memory>(
         dk,
         dv,
     })
+}
+
+/// Attention for head dims past the fused kernel's (the VAE's one 512-wide head), as PyTorch's math
+/// path computes it: for each (batch, head), S = Q K^T (gemm_bt), P = softmax(scale S) in place
+/// (softmax_rows), O = P V (gemm_bt reading V as the transpose of its (N, K) operand). S is one
+/// Lq x Lk bf16 buffer, reused across heads; rounding S to bf16 costs about 2^-9 |S| scale of
+/// each logit.
+fn explicit_forward<M: Memory>(
+    m: &M,
+    q: u64,
+    k: u64,
+    v: u64,
+    dm: &Dims,
+    scale: f64,
+) -> Result<M::Buf<bf16>> {
+    const BF16: u64 = 2;
+    let mut out = m.zeros::<bf16>(dm.b * dm.h * dm.lq * dm.dv)?;
+    let mut s = m.zeros::<bf16>(dm.lq * dm.lk)?;
+    let (oa, sa) = (m.addr_mut(&mut out), m.addr_mut(&mut s));
+    for bh in 0..(dm.b * dm.h) as u64 {
+        let (lq, lk, d, dv) = (dm.lq as u64, dm.lk as u64, dm.d as u64, dm.dv as u64);
+        let (qh, kh, vh) = (
+            q + bh * lq * d * BF16,
+            k + bh * lk * d * BF16,
+            v + bh * lk * dv * BF16,
+        );
+        gemm_bt(
+            m,
+            sa,
+            qh,
+            kh,
+            BLayout::Rows { k: dm.d },
+            0,
+            (dm.lq, dm.lk, dm.d),
+            0,
+        )?;
+        m.launch(&KernelCall::per_row(
+            MODULE,
+            "softmax_rows",
+            dm.lq,
+            vec![
+                Arg::Ptr(sa),
+                Arg::Ptr(sa),
+                Arg::I64(dm.lk as i64),
+                Arg::F32(scale as f32),
+            ],
+        ))?;
+        let oh = oa + bh * lq * dv * BF16;
+        let vt = BLayout::Transposed { inner: dm.dv };
+        gemm_bt(m, oh, sa, vh, vt, 0, (dm.lq, dm.dv, dm.lk), 0)?;
+    }
+    Ok(out)
 }

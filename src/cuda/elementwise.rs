@@ -8,11 +8,52 @@ use super::launch::{Arg, KernelCall, Strides6};
 use super::memory::{Memory, TensorElem};
 use crate::error::{Error, Result};
 use crate::ops::elementwise::BinOp;
-use crate::ops::Activation;
+use crate::ops::resize::{planes, with_hw};
+use crate::ops::{Activation, Pad2d};
 use crate::tensor::contiguous_strides;
 use crate::{DType, Tensor};
 
 const MODULE: &str = "elementwise";
+
+/// An element type of the kernels that have a bf16 and an f32 variant: bf16 activations, f32 maps
+/// and latents; the consts name each kernel's variant.
+trait KernelElem: TensorElem {
+    const COPY: &'static str;
+    const BINARY: &'static str;
+    const SCALE: &'static str;
+    const BYTES: u64 = std::mem::size_of::<Self>() as u64;
+}
+impl KernelElem for bf16 {
+    const COPY: &'static str = "copy_strided";
+    const BINARY: &'static str = "ew_binary";
+    const SCALE: &'static str = "ew_scale";
+}
+impl KernelElem for f32 {
+    const COPY: &'static str = "copy_strided32";
+    const BINARY: &'static str = "ew_binary32";
+    const SCALE: &'static str = "ew_scale32";
+}
+
+/// Run `$body` with `$T` the [`KernelElem`] of `$t`'s dtype; any other dtype is an error.
+macro_rules! by_elem {
+    ($op:expr, $t:expr, $T:ident => $body:expr) => {
+        match $t.dtype() {
+            DType::BF16 => {
+                type $T = bf16;
+                $body
+            }
+            DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            other => Err(Error::DType {
+                op: $op,
+                got: other,
+                expected: "bf16 or f32",
+            }),
+        }
+    };
+}
 
 /// A 1-D grid-stride launch of `name` writing a fresh bf16 tensor of `shape`; `args` follow the
 /// output pointer.
@@ -22,8 +63,18 @@ fn pointwise<M: Memory>(
     shape: &[usize],
     args: impl FnOnce(&M) -> Result<Vec<Arg>>,
 ) -> Result<Tensor> {
+    pointwise_as::<bf16, M>(m, name, shape, args)
+}
+
+/// `pointwise` writing elements of `T`.
+fn pointwise_as<T: TensorElem, M: Memory>(
+    m: &M,
+    name: &'static str,
+    shape: &[usize],
+    args: impl FnOnce(&M) -> Result<Vec<Arg>>,
+) -> Result<Tensor> {
     let n: usize = shape.iter().product();
-    let mut out = m.zeros::<bf16>(n)?;
+    let mut out = m.zeros::<T>(n)?;
     let mut all = vec![Arg::Ptr(m.addr_mut(&mut out))];
     all.extend(args(m)?);
     if n > 0 {
@@ -32,6 +83,7 @@ fn pointwise<M: Memory>(
     m.tensor(out, shape)
 }
 
+/// `ops::add`, `sub`, `mul` on bf16 (activations) or f32 (latents).
 pub(crate) fn binary<M: Memory>(
     m: &M,
     op: &'static str,
@@ -39,8 +91,18 @@ pub(crate) fn binary<M: Memory>(
     b: &Tensor,
     kind: BinOp,
 ) -> Result<Tensor> {
-    let (aa, ba) = (m.tensor_addr::<bf16>(op, a)?, m.tensor_addr::<bf16>(op, b)?);
-    pointwise(m, "ew_binary", a.shape(), |_| {
+    by_elem!(op, a, T => binary_as::<T, M>(m, op, a, b, kind))
+}
+
+fn binary_as<T: KernelElem, M: Memory>(
+    m: &M,
+    op: &'static str,
+    a: &Tensor,
+    b: &Tensor,
+    kind: BinOp,
+) -> Result<Tensor> {
+    let (aa, ba) = (m.tensor_addr::<T>(op, a)?, m.tensor_addr::<T>(op, b)?);
+    pointwise_as::<T, M>(m, T::BINARY, a.shape(), |_| {
         Ok(vec![
             Arg::Ptr(aa),
             Arg::Ptr(ba),
@@ -50,9 +112,14 @@ pub(crate) fn binary<M: Memory>(
     })
 }
 
+/// `ops::scale` on bf16 or f32.
 pub(crate) fn scale<M: Memory>(m: &M, x: &Tensor, s: f64) -> Result<Tensor> {
-    let xa = m.tensor_addr::<bf16>("scale", x)?;
-    pointwise(m, "ew_scale", x.shape(), |_| {
+    by_elem!("scale", x, T => scale_as::<T, M>(m, x, s))
+}
+
+fn scale_as<T: KernelElem, M: Memory>(m: &M, x: &Tensor, s: f64) -> Result<Tensor> {
+    let xa = m.tensor_addr::<T>("scale", x)?;
+    pointwise_as::<T, M>(m, T::SCALE, x.shape(), |_| {
         Ok(vec![
             Arg::Ptr(xa),
             Arg::F32(s as f32),
@@ -68,8 +135,9 @@ fn activation_code(op: &str, act: Activation) -> Result<(i32, f32)> {
         Activation::Gelu => Ok((1, 0.0)),
         Activation::Relu => Ok((2, 0.0)),
         Activation::LeakyRelu(slope) => Ok((2, slope as f32)),
+        Activation::QuickGelu => Ok((3, 0.0)),
         other => Err(Error::Invalid(format!(
-            "{op}: {other:?} has no CUDA kernel yet (silu, gelu, relu and leaky relu do)"
+            "{op}: {other:?} has no CUDA kernel yet (silu, gelu, quick gelu, relu and leaky relu do)"
         ))),
     }
 }
@@ -178,42 +246,9 @@ fn strides6(op: &'static str, shape: &[usize], dst: &[usize], src: &[usize]) -> 
     Ok(s)
 }
 
-/// An element type the strided copy moves: bf16 activations, f32 maps.
-trait CopyElem: TensorElem {
-    const KERNEL: &'static str;
-    const BYTES: u64 = std::mem::size_of::<Self>() as u64;
-}
-impl CopyElem for bf16 {
-    const KERNEL: &'static str = "copy_strided";
-}
-impl CopyElem for f32 {
-    const KERNEL: &'static str = "copy_strided32";
-}
-
-/// Run `$body` with `$T` the [`CopyElem`] of `$t`'s dtype; any other dtype is an error.
-macro_rules! by_copy_elem {
-    ($op:expr, $t:expr, $T:ident => $body:expr) => {
-        match $t.dtype() {
-            DType::BF16 => {
-                type $T = bf16;
-                $body
-            }
-            DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            other => Err(Error::DType {
-                op: $op,
-                got: other,
-                expected: "bf16 or f32",
-            }),
-        }
-    };
-}
-
 /// Copies the elements of `shape` from `src` (element strides `src_strides`) to `dst`
 /// (`dst_strides`); addresses are in bytes.
-fn copy<T: CopyElem, M: Memory>(
+fn copy<T: KernelElem, M: Memory>(
     m: &M,
     op: &'static str,
     dst: u64,
@@ -228,7 +263,7 @@ fn copy<T: CopyElem, M: Memory>(
     }
     m.launch(&KernelCall::grid_stride(
         MODULE,
-        T::KERNEL,
+        T::COPY,
         n,
         vec![
             Arg::Ptr(dst),
@@ -241,10 +276,10 @@ fn copy<T: CopyElem, M: Memory>(
 
 /// `ops::permute` (the permutation already checked).
 pub(crate) fn permute<M: Memory>(m: &M, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
-    by_copy_elem!("permute", x, T => permute_as::<T, M>(m, x, perm))
+    by_elem!("permute", x, T => permute_as::<T, M>(m, x, perm))
 }
 
-fn permute_as<T: CopyElem, M: Memory>(m: &M, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+fn permute_as<T: KernelElem, M: Memory>(m: &M, x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     let xa = m.tensor_addr::<T>("permute", x)?;
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
     let in_strides = contiguous_strides(x.shape());
@@ -269,10 +304,10 @@ pub(crate) fn concat<M: Memory>(
     axis: usize,
     shape: &[usize],
 ) -> Result<Tensor> {
-    by_copy_elem!("concat", xs[0], T => concat_as::<T, M>(m, xs, axis, shape))
+    by_elem!("concat", xs[0], T => concat_as::<T, M>(m, xs, axis, shape))
 }
 
-fn concat_as<T: CopyElem, M: Memory>(
+fn concat_as<T: KernelElem, M: Memory>(
     m: &M,
     xs: &[&Tensor],
     axis: usize,
@@ -299,6 +334,30 @@ fn concat_as<T: CopyElem, M: Memory>(
     m.tensor(out, shape)
 }
 
+/// `ops::pad2d`: the (n, h, w) planes of `x` copied into the interior of zeroed (n, ho, wo)
+/// planes at (top, left).
+pub(crate) fn pad2d<M: Memory>(m: &M, x: &Tensor, p: Pad2d) -> Result<Tensor> {
+    by_elem!("pad2d", x, T => pad2d_as::<T, M>(m, x, p))
+}
+
+fn pad2d_as<T: KernelElem, M: Memory>(m: &M, x: &Tensor, p: Pad2d) -> Result<Tensor> {
+    let xa = m.tensor_addr::<T>("pad2d", x)?;
+    let (n, h, w) = planes("pad2d", x)?;
+    let (ho, wo) = (p.top + h + p.bottom, p.left + w + p.right);
+    let mut out = m.zeros::<T>(n * ho * wo)?;
+    let offset = ((p.top * wo + p.left) as u64) * T::BYTES;
+    copy::<T, M>(
+        m,
+        "pad2d",
+        m.addr_mut(&mut out) + offset,
+        &[ho * wo, wo, 1],
+        xa,
+        &[h * w, w, 1],
+        &[n, h, w],
+    )?;
+    m.tensor(out, &with_hw(x.shape(), ho, wo))
+}
+
 /// `ops::split` (sizes already checked).
 pub(crate) fn split<M: Memory>(
     m: &M,
@@ -306,10 +365,10 @@ pub(crate) fn split<M: Memory>(
     axis: usize,
     sizes: &[usize],
 ) -> Result<Vec<Tensor>> {
-    by_copy_elem!("split", x, T => split_as::<T, M>(m, x, axis, sizes))
+    by_elem!("split", x, T => split_as::<T, M>(m, x, axis, sizes))
 }
 
-fn split_as<T: CopyElem, M: Memory>(
+fn split_as<T: KernelElem, M: Memory>(
     m: &M,
     x: &Tensor,
     axis: usize,
@@ -410,4 +469,23 @@ pub(crate) fn upsample_nearest2x_backward<M: Memory>(m: &M, dy: &Tensor) -> Resu
             Arg::I32(w as i32),
         ])
     })
+}
+
+/// `x` (bf16 or f32) converted to `dtype` (f32 or bf16) in the same memory.
+pub(crate) fn cast<M: Memory>(m: &M, x: &Tensor, dtype: DType) -> Result<Tensor> {
+    const OP: &str = "to_dtype";
+    let (name, xa) = match (x.dtype(), dtype) {
+        (DType::F32, DType::BF16) => ("cast_f32_to_bf16", m.tensor_addr::<f32>(OP, x)?),
+        (DType::BF16, DType::F32) => ("cast_bf16_to_f32", m.tensor_addr::<bf16>(OP, x)?),
+        (from, to) => {
+            return Err(Error::Invalid(format!(
+                "{OP}: {from:?} to {to:?} has no CUDA kernel (bf16 <-> f32 do)"
+            )))
+        }
+    };
+    let args = |_: &M| Ok(vec![Arg::Ptr(xa), Arg::U64(x.numel() as u64)]);
+    match dtype {
+        DType::F32 => pointwise_as::<f32, M>(m, name, x.shape(), args),
+        _ => pointwise_as::<bf16, M>(m, name, x.shape(), args),
+    }
 }

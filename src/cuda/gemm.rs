@@ -14,7 +14,7 @@ const TILE: usize = 64;
 
 /// How gemm_bt reads B: element (n, k) at b[n * ldb_n + k * ldb_k].
 #[derive(Clone, Copy)]
-enum BLayout {
+pub(super) enum BLayout {
     /// A weight (out, in) as is: B = W, strides (in, 1).
     Rows { k: usize },
     /// A weight (out, in) read as its transpose, for input gradients: B = W^T, strides (1, in).
@@ -24,7 +24,7 @@ enum BLayout {
 /// C = A B^T + bias into `c` (bf16 addresses): A (m, k) row-major, B (n, k) as `layout` says;
 /// with `hw` > 0 C is NCHW.
 #[allow(clippy::too_many_arguments)]
-fn gemm_bt<M: Memory>(
+pub(super) fn gemm_bt<M: Memory>(
     m: &M,
     c: u64,
     a: u64,

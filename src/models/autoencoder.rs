@@ -13,7 +13,7 @@ use super::attention::Attention;
 use super::resnet::ResnetBlock2D;
 use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::ops::{self, Activation, Conv2dParams, Pad2d};
-use crate::weights::{read_config, Weights, WeightsView};
+use crate::weights::{read_config, Placement, Weights, WeightsView};
 use crate::{DType, Error, Result, Tensor};
 
 /// diffusers hard-codes this epsilon for every GroupNorm of the VAE (resnets, the mid-block
@@ -440,9 +440,15 @@ fn check_input(op: &'static str, what: &str, x: &Tensor, channels: usize) -> Res
 impl AutoencoderKL {
     /// Load from a diffusers `vae/` folder (config.json + diffusion_pytorch_model*.safetensors).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_dir_placed(dir, Placement::default())
+    }
+
+    /// The model with its weights in `placement` (e.g. bf16 on a GPU: `Placement::cuda`); it
+    /// still takes and returns host f32 tensors.
+    pub fn from_dir_placed(dir: impl AsRef<Path>, placement: Placement) -> Result<Self> {
         let dir = dir.as_ref();
         let config: VaeConfig = read_config(&dir.join("config.json"), "AutoencoderKL")?;
-        let weights = Weights::from_dir(dir, "diffusion_pytorch_model")?;
+        let weights = Weights::from_dir(dir, "diffusion_pytorch_model")?.placed(placement);
         Self::load(config, &weights)
     }
 
@@ -489,24 +495,27 @@ impl AutoencoderKL {
     /// (B, latent_channels, H / f, W / f) with f = 2^(blocks - 1), unscaled.
     pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
         check_input("vae encode", "image", image, self.config.in_channels)?;
-        let mut moments = self.encoder.forward(image)?;
+        let mut moments = self
+            .encoder
+            .forward(&image.to_like(&self.encoder.conv_in.weight)?)?;
         if let Some(q) = &self.quant_conv {
             moments = q.forward(&moments)?;
         }
         // The moments are [mean, log-variance] along the channels; only the mean is needed.
         let lat = self.config.latent_channels;
         let mut parts = ops::split(&moments, 1, &[lat, lat])?;
-        Ok(parts.swap_remove(0))
+        parts.swap_remove(0).to_like(image)
     }
 
     /// `latent`: (B, latent_channels, h, w) f32, already divided by `scaling_factor()` ->
     /// the image (B, out_channels, h * f, w * f), roughly in [-1, 1].
     pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
         check_input("vae decode", "latent", latent, self.config.latent_channels)?;
+        let placed = latent.to_like(&self.decoder.conv_in.weight)?;
         let z = match &self.post_quant_conv {
-            Some(p) => p.forward(latent)?,
-            None => latent.clone(),
+            Some(p) => p.forward(&placed)?,
+            None => placed,
         };
-        self.decoder.forward(&z)
+        self.decoder.forward(&z)?.to_like(latent)
     }
 }

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use super::attention::{merge_heads, split_heads};
 use crate::nn::{LayerNorm, Linear};
 use crate::ops::{self, Activation};
-use crate::weights::{read_config, Weights, WeightsView};
+use crate::weights::{read_config, Placement, Weights, WeightsView};
 use crate::{DType, Error, Result, Tensor};
 
 /// `text_encoder/config.json` (transformers' `CLIPTextConfig`). The sizes are required; the rest
@@ -144,9 +144,15 @@ pub struct CLIPTextModel {
 impl CLIPTextModel {
     /// Load from a diffusers `text_encoder/` folder (config.json + model*.safetensors).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_dir_placed(dir, Placement::default())
+    }
+
+    /// The model with its weights in `placement` (e.g. bf16 on a GPU: `Placement::cuda`); its
+    /// outputs still come back as host f32.
+    pub fn from_dir_placed(dir: impl AsRef<Path>, placement: Placement) -> Result<Self> {
         let dir = dir.as_ref();
         let config: CLIPTextConfig = read_config(&dir.join("config.json"), "CLIPTextModel")?;
-        let weights = Weights::from_dir(dir, "model")?;
+        let weights = Weights::from_dir(dir, "model")?.placed(placement);
         Self::load(config, &weights)
     }
 
@@ -251,7 +257,11 @@ impl CLIPTextModel {
         for layer in &self.layers {
             x = layer.forward(&x, c.num_attention_heads, self.act)?;
         }
-        let last_hidden_state = self.final_layer_norm.forward(&x)?;
+        let mut last_hidden_state = self.final_layer_norm.forward(&x)?;
+        if last_hidden_state.dtype() != DType::F64 {
+            // Host f32 whatever the model computed in (bf16 on a GPU).
+            last_hidden_state = last_hidden_state.to_place(DType::F32, None)?;
+        }
         let pooler_output = self.pool(&last_hidden_state, ids, l)?;
         Ok(CLIPTextOutput {
             last_hidden_state,

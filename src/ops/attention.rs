@@ -151,12 +151,13 @@ pub fn attention(
     scale: f64,
     capture: Option<&Capture>,
 ) -> Result<AttentionOutput> {
-    crate::cuda::kernel_dispatch!(q, m => crate::cuda::attention::attention(m, q, k, v, scale, capture));
+    crate::cuda::kernel_dispatch!(q, m => crate::cuda::attention::attention(m, q, k, v, scale, capture, false));
     attention_impl(q, k, v, scale, capture, false)
 }
 
 /// Attention in which query `i` sees keys `0..=i` only (CLIP's text encoder); `Lq == Lk`.
 pub fn attention_causal(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    crate::cuda::kernel_dispatch!(q, m => Ok(crate::cuda::attention::attention(m, q, k, v, scale, None, true)?.out));
     Ok(attention_impl(q, k, v, scale, None, true)?.out)
 }
 
@@ -171,7 +172,7 @@ pub fn attention_causal_backward(
     attention_backward_impl(q, k, v, scale, dout, None, true, true)
 }
 
-fn check_causal(op: &'static str, dm: &Dims, causal: bool) -> Result<()> {
+pub(crate) fn check_causal(op: &'static str, dm: &Dims, causal: bool) -> Result<()> {
     if causal && dm.lq != dm.lk {
         return Err(Error::shape(
             op,

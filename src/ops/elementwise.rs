@@ -32,7 +32,7 @@ impl BinOp {
 
 fn zip_map(op: &'static str, a: &Tensor, b: &Tensor, f: BinOp) -> Result<Tensor> {
     same_shape(op, a, b)?;
-    crate::cuda::kernel_dispatch!(a, m => crate::cuda::elementwise::binary(m, op, a, b, f));
+    crate::cuda::kernel_dispatch!([BF16, F32] a, m => crate::cuda::elementwise::binary(m, op, a, b, f));
     float_dispatch!(op, a.dtype(), T => {
         let (av, bv) = (a.slice::<T>(op)?, b.slice::<T>(op)?);
         let mut out = vec![T::ZERO; av.len()];
@@ -64,7 +64,7 @@ pub fn mul_backward(a: &Tensor, b: &Tensor, dy: &Tensor) -> Result<(Tensor, Tens
 /// `s * x`.
 pub fn scale(x: &Tensor, s: f64) -> Result<Tensor> {
     const OP: &str = "scale";
-    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::scale(m, x, s));
+    crate::cuda::kernel_dispatch!([BF16, F32] x, m => crate::cuda::elementwise::scale(m, x, s));
     float_dispatch!(OP, x.dtype(), T => {
         let v: Vec<T> = x.slice::<T>(OP)?.iter().map(|&e| e * T::of(s)).collect();
         Tensor::from_vec(v, x.shape())

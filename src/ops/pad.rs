@@ -22,6 +22,7 @@ pub fn pad2d(x: &Tensor, p: Pad2d) -> Result<Tensor> {
     const OP: &str = "pad2d";
     let (n, h, w) = planes(OP, x)?;
     let (ho, wo) = (p.top + h + p.bottom, p.left + w + p.right);
+    crate::cuda::kernel_dispatch!([BF16, F32] x, m => crate::cuda::elementwise::pad2d(m, x, p));
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
         let mut y = vec![T::ZERO; n * ho * wo];

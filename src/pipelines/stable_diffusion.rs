@@ -59,9 +59,8 @@ impl StableDiffusion {
         Self::from_dir_placed(dir, Placement::default())
     }
 
-    /// The pipeline with its UNet, the denoiser that sampling and steering call over and over, in
-    /// `placement` (e.g. bf16 on a GPU: `Placement::cuda`). The text encoder and VAE, run once
-    /// an image, stay on the CPU in f32; the UNet takes and returns host f32 tensors either way.
+    /// The pipeline with its models (text encoder, UNet, VAE) in `placement` (e.g. bf16 on a GPU:
+    /// `Placement::cuda`). Each takes and returns host f32 tensors either way.
     pub fn from_dir_placed(dir: impl AsRef<Path>, placement: Placement) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let index = dir.join("model_index.json");
@@ -73,10 +72,12 @@ impl StableDiffusion {
         }
         let vae_dir = dir.join("vae");
         let vae = if vae_dir.exists() || index_names_vae(&index)? {
-            Some(AutoencoderKL::from_dir(vae_dir)?)
+            Some(AutoencoderKL::from_dir_placed(vae_dir, placement.clone())?)
         } else {
             None
         };
+        let text_encoder =
+            CLIPTextModel::from_dir_placed(dir.join("text_encoder"), placement.clone())?;
         let unet = UNet2DConditionModel::from_dir_placed(dir.join("unet"), placement)?;
         if vae.is_none() {
             let c = &unet.config;
@@ -94,7 +95,7 @@ impl StableDiffusion {
         }
         Ok(StableDiffusion {
             tokenizer: Tokenizer::from_dir(dir.join("tokenizer"))?,
-            text_encoder: CLIPTextModel::from_dir(dir.join("text_encoder"))?,
+            text_encoder,
             unet,
             vae,
             // SD2.1-base ships a PNDM config; as the reference does, we read it as DDIM's.
@@ -148,7 +149,12 @@ impl StableDiffusion {
         };
         let mut hook = hook;
         let timesteps = self.scheduler.timesteps(req.steps)?;
-        let mut z = req.init_latents.clone();
+        // The latent lives where the UNet does: on a GPU the scheduler's steps, the guidance and
+        // steering's updates run there (f32 kernels) without round trips through the host.
+        let device = self.unet.device();
+        let mut z = req
+            .init_latents
+            .to_place(req.init_latents.dtype(), device)?;
         let mut maps = Vec::new();
         for (i, &t) in timesteps.iter().enumerate() {
             if let Some(h) = hook.as_deref_mut() {
@@ -168,7 +174,7 @@ impl StableDiffusion {
                     let cond_maps = ops::split(&o.maps, 0, &[b - 1, 1])?
                         .pop()
                         .expect("two parts");
-                    maps.push((i, cond_maps));
+                    maps.push((i, cond_maps.to_host()?));
                     o.out
                 }
                 None => {
@@ -186,7 +192,10 @@ impl StableDiffusion {
             z = self.scheduler.step(&pred, t, &z, req.steps)?;
             progress(i);
         }
-        Ok(GenerateOutput { latents: z, maps })
+        Ok(GenerateOutput {
+            latents: z.to_host()?,
+            maps,
+        })
     }
 
     /// Latents to an image in [-1, 1] (1, 3, H, W). In pixel space the latent is the image.
@@ -233,9 +242,14 @@ impl StableDiffusion {
         steps: usize,
         fixed_point_iters: usize,
     ) -> Result<Inversion> {
-        ddim_invert(&self.scheduler, z0, steps, fixed_point_iters, |z, t| {
+        let z0 = z0.to_place(z0.dtype(), self.unet.device())?;
+        let mut inv = ddim_invert(&self.scheduler, &z0, steps, fixed_point_iters, |z, t| {
             Ok(self.unet.forward(z, t as f64, cond, None, false)?.out)
-        })
+        })?;
+        for z in &mut inv.latents {
+            *z = z.to_host()?;
+        }
+        Ok(inv)
     }
 }
 

@@ -17,8 +17,11 @@
 //! - maps: 1e-4. They are f32 exps of f32 dot products of the bf16 inputs, as on the CPU; only the
 //!   summation order differs (measured about 2e-7).
 
+use steer::models::autoencoder::AutoencoderKL;
+use steer::models::clip_text::CLIPTextModel;
 use steer::models::unet::UNet2DConditionModel;
 use steer::ops::{self, Activation, Capture, Conv2dParams};
+use steer::pipelines::{GenerateRequest, StableDiffusion};
 use steer::safetensors_io::SafetensorsFile;
 use steer::steering::capture::{assemble, assemble_backward, NativeMaps};
 use steer::steering::classifier::RelationClassifier;
@@ -61,6 +64,14 @@ const MODEL_GRAD_TOL: f64 = 0.24;
 fn bf16_pair(t: &Target, shape: &[usize], seed: u64) -> (Tensor, Tensor) {
     let x = Tensor::randn(shape, DType::BF16, seed);
     ((t.place)(&x), x.to_dtype(DType::F32).expect("bf16 to f32"))
+}
+
+/// The tiny SD2.1 models' PyTorch reference (tests/reference/sd21_fixtures.py).
+const TINY_REFERENCE: &str = "tests/fixtures/tiny-sd21-reference.safetensors";
+
+/// A fixture tensor as f32.
+fn f32_tensor(file: &SafetensorsFile, name: &str) -> Tensor {
+    file.tensor(name).unwrap().to_dtype(DType::F32).unwrap()
 }
 
 fn f32_host(x: &Tensor) -> Tensor {
@@ -305,12 +316,29 @@ pub fn attention_rejects_bad_input(t: &Target) {
         x(&[1, 1, 8, 136], DType::BF16),
         x(&[1, 1, 8, 136], DType::BF16),
     );
+    // Past the fused kernel's head dims only the plain forward runs (the explicit path).
+    let cap = Capture {
+        words: vec![vec![1]],
+        softmax_cols: None,
+    };
     let msg = t
-        .on(|| ops::attention(&q, &k, &k, 0.1, None))
+        .on(|| ops::attention(&q, &k, &k, 0.1, Some(&cap)))
         .err()
-        .expect("head dim 136")
+        .expect("head dim 136 with capture")
         .to_string();
     assert!(msg.contains("at most 128"), "{msg}");
+    let msg = t
+        .on(|| ops::attention_causal(&q, &k, &k, 0.1))
+        .expect_err("head dim 136, causal")
+        .to_string();
+    assert!(msg.contains("at most 128"), "{msg}");
+    let k9 = x(&[1, 1, 9, 16], DType::BF16);
+    let q8 = x(&[1, 1, 8, 16], DType::BF16);
+    let msg = t
+        .on(|| ops::attention_causal(&q8, &k9, &k9, 0.1))
+        .expect_err("causal with Lq != Lk")
+        .to_string();
+    assert!(msg.contains("Lq == Lk"), "{msg}");
     // f32 on a GPU is refused; under emulation f32 host tensors run the CPU backend, as beside a
     // GPU.
     if !t.emulate {
@@ -333,6 +361,39 @@ pub fn attention_rejects_bad_input(t: &Target) {
         .expect("column 9 of 8")
         .to_string();
     assert!(msg.contains("token index 9"), "{msg}");
+}
+
+/// The causal forward (CLIP's text encoder: one tile, and several tiles so that whole key tiles
+/// are skipped) and the explicit path for head dims past 128 (the VAE's one wide head), against
+/// the CPU. Tolerance 1e-2 as for the fused kernel: the explicit path also rounds S to bf16,
+/// 2^-9 |S| scale (about 4e-3 here) in each logit.
+pub fn attention_variants_match_cpu(t: &Target) {
+    for (i, (h, l, d)) in [(2, 77, 64), (1, 150, 40)].into_iter().enumerate() {
+        let seed = 10 * i as u64;
+        let (q, q32) = bf16_pair(t, &[1, h, l, d], seed);
+        let (k, k32) = bf16_pair(t, &[1, h, l, d], seed + 1);
+        let (v, v32) = bf16_pair(t, &[1, h, l, d], seed + 2);
+        let scale = 1.0 / (d as f64).sqrt();
+        let got = t.on(|| ops::attention_causal(&q, &k, &v, scale)).unwrap();
+        let want = ops::attention_causal(&q32, &k32, &v32, scale).unwrap();
+        compare(t, &format!("causal attention L {l}"), &got, &want, OUT_TOL);
+    }
+    let (q, q32) = bf16_pair(t, &[2, 1, 70, 160], 30);
+    let (k, k32) = bf16_pair(t, &[2, 1, 45, 160], 31);
+    let (v, v32) = bf16_pair(t, &[2, 1, 45, 144], 32);
+    let scale = 1.0 / 160f64.sqrt();
+    let got = t
+        .on(|| ops::attention(&q, &k, &v, scale, None))
+        .unwrap()
+        .out;
+    let want = ops::attention(&q32, &k32, &v32, scale, None).unwrap().out;
+    compare(
+        t,
+        "attention, head dims 160/144 (explicit)",
+        &got,
+        &want,
+        OUT_TOL,
+    );
 }
 
 pub fn latent_update_matches_cpu_bit_for_bit(t: &Target) {
@@ -403,14 +464,30 @@ pub fn pointwise_ops_match_cpu(t: &Target) {
     let (v, v32) = bf16_pair(t, &[2, 3], 3);
     let (g, g32) = bf16_pair(t, &[5, 48], 4);
     type Op = fn(&Tensor, &Tensor, &Tensor, &Tensor) -> steer::Result<Tensor>;
-    let cases: [(&str, Op); 9] = [
+    let cases: [(&str, Op); 15] = [
         ("add", |a, b, _, _| ops::add(a, b)),
         ("sub", |a, b, _, _| ops::sub(a, b)),
         ("mul", |a, b, _, _| ops::mul(a, b)),
         ("scale", |a, _, _, _| ops::scale(a, -0.7)),
         ("silu", |a, _, _, _| ops::activation(a, Activation::Silu)),
         ("gelu", |a, _, _, _| ops::activation(a, Activation::Gelu)),
+        ("quick_gelu", |a, _, _, _| {
+            ops::activation(a, Activation::QuickGelu)
+        }),
+        ("relu", |a, _, _, _| ops::activation(a, Activation::Relu)),
+        ("leaky_relu", |a, _, _, _| {
+            ops::activation(a, Activation::LeakyRelu(0.01))
+        }),
         ("add_channels", |a, _, v, _| ops::add_channels(a, v)),
+        ("add_broadcast axis 1", |_, _, _, g| {
+            let v = ops::split(g, 1, &[8, 40])?.remove(0);
+            ops::add_broadcast(&g.reshape(&[5, 6, 8])?, &v, 1)
+        }),
+        ("add_broadcast axis 0", |_, _, _, g| {
+            let v = ops::split(g, 0, &[1, 4])?.remove(0).reshape(&[6, 8])?;
+            ops::add_broadcast(&g.reshape(&[5, 6, 8])?, &v, 0)
+        }),
+        ("embedding", |_, _, _, g| ops::embedding(g, &[4, 0, 4, 2])),
         ("geglu", |_, _, _, g| ops::geglu(g)),
         ("upsample_nearest2x", |a, _, _, _| {
             ops::upsample_nearest2x(a)
@@ -419,7 +496,7 @@ pub fn pointwise_ops_match_cpu(t: &Target) {
     for (name, f) in cases {
         let got = t.on(|| f(&a, &b, &v, &g)).unwrap();
         let want = f(&a32, &b32, &v32, &g32).unwrap();
-        let tol = if name == "upsample_nearest2x" {
+        let tol = if name == "upsample_nearest2x" || name == "embedding" {
             0.0
         } else {
             OUT_TOL
@@ -431,6 +508,20 @@ pub fn pointwise_ops_match_cpu(t: &Target) {
 pub fn data_movement_matches_cpu(t: &Target) {
     let (x, x32) = bf16_pair(t, &[2, 3, 4, 5], 1);
     let (y, y32) = bf16_pair(t, &[2, 6, 4, 5], 2);
+    // f32 arithmetic (latents): the same IEEE operations as the CPU, bit for bit.
+    let a = Tensor::randn(&[3, 70], DType::F32, 3);
+    let b = Tensor::randn(&[3, 70], DType::F32, 4);
+    let (ap, bp) = ((t.place)(&a), (t.place)(&b));
+    type F32Op = fn(&Tensor, &Tensor) -> steer::Result<Tensor>;
+    let f32_ops: [(&str, F32Op); 3] = [
+        ("f32 add", |a, b| ops::add(a, b)),
+        ("f32 sub", |a, b| ops::sub(a, b)),
+        ("f32 scale", |a, _| ops::scale(a, 0.37)),
+    ];
+    for (name, f) in f32_ops {
+        let got = t.on(|| f(&ap, &bp)).unwrap();
+        compare_as(t, name, &got, DType::F32, &f(&a, &b).unwrap(), 0.0);
+    }
     for perm in [[0, 2, 3, 1], [0, 2, 1, 3], [3, 1, 0, 2]] {
         let got = t.on(|| ops::permute(&x, &perm)).unwrap();
         compare(
@@ -453,6 +544,14 @@ pub fn data_movement_matches_cpu(t: &Target) {
             0.0,
         );
     }
+    let pad = ops::Pad2d {
+        left: 0,
+        right: 1,
+        top: 2,
+        bottom: 1,
+    };
+    let got = t.on(|| ops::pad2d(&x, pad)).unwrap();
+    compare(t, "pad2d", &got, &ops::pad2d(&x32, pad).unwrap(), 0.0);
     let got = t.on(|| ops::split(&y, 1, &[1, 3, 2])).unwrap();
     for (i, (g, w)) in got
         .iter()
@@ -618,8 +717,7 @@ pub fn linear_and_conv_match_cpu(t: &Target) {
 /// little over twice that (our rounding points differ: e.g. attention's P is rounded to bf16).
 /// The CPU backend in f32 agrees with diffusers to 1e-4 (tests/sd21_unet.rs).
 pub fn unet_forward_matches_diffusers_in_bf16(t: &Target) {
-    let reference =
-        SafetensorsFile::open("tests/fixtures/tiny-sd21-reference.safetensors").unwrap();
+    let reference = SafetensorsFile::open(TINY_REFERENCE).unwrap();
     let get = |name: &str| reference.tensor(name).unwrap();
     let unet =
         UNet2DConditionModel::from_dir_placed("tests/fixtures/tiny-sd21/unet", t.placement.clone())
@@ -638,10 +736,89 @@ pub fn unet_forward_matches_diffusers_in_bf16(t: &Target) {
     compare(t, "tiny SD2.1 UNet forward", &out, &want, 5e-2);
 }
 
+/// The tiny SD2.1 text encoder and VAE (encode and decode) with bf16 weights and activations on
+/// the kernels, against transformers' and diffusers' f32 outputs; their inputs and outputs are
+/// host f32. Tolerances: twice how far PyTorch's own bf16 run of the same model lands
+/// (tests/reference/bf16_errors.py: text encoder 8.8e-3, VAE decode 1.5e-2, encode 1.2e-2).
+pub fn text_encoder_and_vae_match_pytorch_in_bf16(t: &Target) {
+    let reference = SafetensorsFile::open(TINY_REFERENCE).unwrap();
+    let get = |name: &str| f32_tensor(&reference, name);
+    let dir = "tests/fixtures/tiny-sd21";
+    let te =
+        CLIPTextModel::from_dir_placed(format!("{dir}/text_encoder"), t.placement.clone()).unwrap();
+    let ids = reference.tensor("text.input_ids").unwrap();
+    let vae = AutoencoderKL::from_dir_placed(format!("{dir}/vae"), t.placement.clone()).unwrap();
+    let (hidden, decoded, encoded) = t.on(|| {
+        (
+            te.forward_tensor(&ids).unwrap().last_hidden_state,
+            vae.decode(&get("vae.latent")).unwrap(),
+            vae.encode(&get("vae.image")).unwrap(),
+        )
+    });
+    for (what, got, want, tol) in [
+        ("text encoder", &hidden, "text.last_hidden_state", 1.8e-2),
+        ("VAE decode", &decoded, "vae.decoded", 3.0e-2),
+        ("VAE encode", &encoded, "vae.encoded_mean", 2.4e-2),
+    ] {
+        assert!(
+            got.is_host(),
+            "{}: {what}: the output comes back to the host",
+            t.name
+        );
+        compare_as(t, what, got, DType::F32, &get(want), tol);
+    }
+}
+
+/// The whole tiny SD2.1 pipeline on the target: the prompt and the empty negative prompt through
+/// the text encoder, 3 DDIM steps with guidance 7.5 (on a GPU the latent, the guidance and the
+/// scheduler's steps stay there, f32), against diffusers' StableDiffusionPipeline in f32.
+/// Tolerance 0.12: twice how far diffusers' own bf16 run lands (6.0e-2,
+/// tests/reference/bf16_errors.py; guidance 7.5 amplifies the UNet's rounding).
+pub fn sampling_matches_diffusers_in_bf16(t: &Target) {
+    let reference = SafetensorsFile::open(TINY_REFERENCE).unwrap();
+    let prompt = reference.metadata().unwrap()["prompt"].clone();
+    let get = |name: &str| f32_tensor(&reference, name);
+    let pipe =
+        StableDiffusion::from_dir_placed("tests/fixtures/tiny-sd21", t.placement.clone()).unwrap();
+    let latents = t.on(|| {
+        let cond = pipe.encode_prompt(&prompt).unwrap();
+        let uncond = pipe.encode_prompt("").unwrap();
+        let req = GenerateRequest {
+            cond: &cond,
+            uncond: Some(&uncond),
+            guidance: 7.5,
+            steps: 3,
+            init_latents: get("ddim.init_latents"),
+            record_maps: None,
+        };
+        pipe.generate(&req, None, |_| {}).unwrap().latents
+    });
+    assert!(
+        latents.is_host(),
+        "{}: latents come back to the host",
+        t.name
+    );
+    let want = get("ddim.final_latents");
+    compare_as(
+        t,
+        "tiny SD2.1 DDIM, 3 steps",
+        &latents,
+        DType::F32,
+        &want,
+        0.12,
+    );
+}
+
 pub fn backward_ops_match_cpu(t: &Target) {
     let (x, x32) = bf16_pair(t, &[2, 8, 6, 10], 1);
     let (dy, dy32) = bf16_pair(t, &[2, 8, 6, 10], 2);
-    for act in [Activation::Silu, Activation::Gelu] {
+    for act in [
+        Activation::Silu,
+        Activation::Gelu,
+        Activation::QuickGelu,
+        Activation::Relu,
+        Activation::LeakyRelu(0.01),
+    ] {
         let got = t.on(|| ops::activation_backward(&x, &dy, act)).unwrap();
         let want = ops::activation_backward(&x32, &dy32, act).unwrap();
         compare(
@@ -724,15 +901,8 @@ pub fn backward_ops_match_cpu(t: &Target) {
 /// diffusers + torch autograd in f32 (the fixture of tests/sd21_unet.rs). The model computes in
 /// bf16 (see `unet_forward_matches_diffusers_in_bf16`); the caller's tensors stay f32 on the host.
 pub fn unet_steering_pass_matches_diffusers_in_bf16(t: &Target) {
-    let reference =
-        SafetensorsFile::open("tests/fixtures/tiny-sd21-reference.safetensors").unwrap();
-    let get = |name: &str| {
-        reference
-            .tensor(name)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
+    let reference = SafetensorsFile::open(TINY_REFERENCE).unwrap();
+    let get = |name: &str| f32_tensor(&reference, name);
     let indices = |name: &str| -> Vec<usize> {
         reference
             .tensor(name)

@@ -13,7 +13,7 @@ use steer::steering::unet_maps::unet_with_maps;
 use steer::weights::Placement;
 use steer::{DType, Error, Result, Tensor};
 
-use crate::device::{cpu_only, Device};
+use crate::device::Device;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Component {
@@ -49,8 +49,8 @@ pub struct ForwardArgs {
     /// last_hidden_state, pooler_output; vae-decoder: decoded; vae-encoder: encoded_mean.
     #[arg(long)]
     pub out: PathBuf,
-    /// cpu (f32), or cuda / cuda:N (bf16 weights and activations on that GPU; the UNet so far).
-    /// Outputs are written as f32 either way.
+    /// cpu (f32), or cuda / cuda:N (bf16 weights and activations on that GPU). Outputs are
+    /// written as f32 either way.
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }
@@ -95,14 +95,11 @@ fn indices(file: &SafetensorsFile, name: &str) -> Result<Vec<usize>> {
 pub fn run(args: &ForwardArgs) -> Result<()> {
     let dir = component_dir(&args.model, args.component)?;
     let inputs = SafetensorsFile::open(&args.inputs)?;
-    if args.device != Device::Cpu && !matches!(args.component, Component::Unet) {
-        return Err(cpu_only("this component"));
-    }
     let placement = args.device.placement()?;
     let outputs = match args.component {
         Component::Unet => unet(&dir, &inputs, &placement)?,
         Component::TextEncoder => {
-            let model = CLIPTextModel::from_dir(&dir)?;
+            let model = CLIPTextModel::from_dir_placed(&dir, placement)?;
             let ids = inputs.tensor("input_ids")?;
             if ids.dtype() != DType::I64 {
                 return Err(Error::format(inputs.path(), "`input_ids` must be int64"));
@@ -114,11 +111,11 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
             ]
         }
         Component::VaeDecoder => {
-            let vae = AutoencoderKL::from_dir(&dir)?;
+            let vae = AutoencoderKL::from_dir_placed(&dir, placement)?;
             vec![("decoded".into(), vae.decode(&input(&inputs, "latent")?)?)]
         }
         Component::VaeEncoder => {
-            let vae = AutoencoderKL::from_dir(&dir)?;
+            let vae = AutoencoderKL::from_dir_placed(&dir, placement)?;
             vec![(
                 "encoded_mean".into(),
                 vae.encode(&input(&inputs, "image")?)?,

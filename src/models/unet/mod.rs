@@ -152,6 +152,11 @@ impl UNet2DConditionModel {
         Self::from_dir_placed(dir, Placement::default())
     }
 
+    /// The GPU holding the weights, or `None` on the host.
+    pub fn device(&self) -> Option<&std::sync::Arc<crate::cuda::CudaDevice>> {
+        self.conv_in.weight.cuda_device()
+    }
+
     /// The model with its weights in `placement` (e.g. bf16 on a GPU: `Placement::cuda`).
     pub fn from_dir_placed(dir: impl AsRef<Path>, placement: Placement) -> Result<Self> {
         let dir = dir.as_ref();
