@@ -11,6 +11,8 @@
 // add_broadcast  out[o, m, i] = x[o, m, i] + v[o, i]         (ops::add_broadcast,
 //                                                            add_channels)
 // embedding      out[r, j] = w[ids[r], j]                    (ops::embedding)
+// modulate       out = x (1 + scale) + shift, per (B, D)     (ops::modulate, FLUX's adaLN)
+// rope           rotary embedding of interleaved pairs       (ops::rope, FLUX)
 // upsample2x     nearest-neighbour 2x of (P, H, W) planes    (ops::upsample_nearest2x)
 // copy_strided   out[i] = x[offset(i)] over a shape of rank <= 6 with any strides on either side:
 //                permute, concat and split are this one kernel with different strides
@@ -20,6 +22,8 @@
 // ew_activation_backward  dx = dy f'(x) for the same          (ops::activation_backward)
 // geglu_backward          dx = (dy gelu(g), dy h gelu'(g))    (ops::geglu_backward)
 // upsample2x_backward     dx = the sum of each 2x2 block of dy (ops::upsample_nearest2x_backward)
+// modulate_backward       dx, dshift, dscale (sums over L)    (ops::modulate_backward)
+// rope with sign -1       the inverse rotation                (ops::rope_backward)
 //
 // Launch: 1-D grid-stride loops, 256 threads a block, at most 4096 blocks; no shared memory.
 // Cost: memory-bound, 2 (unary) or 3 (binary) x 2 bytes an element; a few FLOPs an element
@@ -153,6 +157,56 @@ STEER_KERNEL void add_broadcast(bf16* __restrict__ out, const bf16* __restrict__
     }
 }
 STEER_EMU_EXPORT(add_broadcast)
+
+// adaLN modulation (FLUX): x (B, L, D), shift and scale (B, D); out = x (1 + scale) + shift.
+STEER_KERNEL void modulate(bf16* __restrict__ out, const bf16* __restrict__ x,
+                           const bf16* __restrict__ shift, const bf16* __restrict__ scale,
+                           unsigned long long n, long long l, int d) {
+    for (size_t i = global_thread_index(); i < n; i += global_thread_count()) {
+        const size_t p = i / ((size_t)l * d) * d + i % d;
+        out[i] = float_to_bf16(bf16_to_float(x[i]) * (1.f + bf16_to_float(scale[p])) +
+                               bf16_to_float(shift[p]));
+    }
+}
+STEER_EMU_EXPORT(modulate)
+
+// Its backward: one thread a (b, channel) column walks the L rows, so the sums over L for dshift
+// and dscale need no atomics (and reads stay coalesced across the column's neighbours).
+STEER_KERNEL void modulate_backward(bf16* __restrict__ dx, bf16* __restrict__ dshift,
+                                    bf16* __restrict__ dscale, const bf16* __restrict__ x,
+                                    const bf16* __restrict__ scale, const bf16* __restrict__ dy,
+                                    unsigned long long columns, long long l, int d) {
+    for (size_t c = global_thread_index(); c < columns; c += global_thread_count()) {
+        const size_t b = c / d, ch = c % d;
+        const float k = 1.f + bf16_to_float(scale[c]);
+        float dsh = 0.f, dsc = 0.f;
+        for (long long r = 0; r < l; ++r) {
+            const size_t at = (b * l + r) * d + ch;
+            const float g = bf16_to_float(dy[at]);
+            dx[at] = float_to_bf16(g * k);
+            dsh += g;
+            dsc += g * bf16_to_float(x[at]);
+        }
+        dshift[c] = float_to_bf16(dsh);
+        dscale[c] = float_to_bf16(dsc);
+    }
+}
+STEER_EMU_EXPORT(modulate_backward)
+
+// Rotary embedding on interleaved pairs (FLUX): x (B, H, L, D), cos and sin (L, D/2); each pair
+// (x[2i], x[2i+1]) at position p rotates by (cos[p, i], sign sin[p, i]); sign -1 is the backward.
+STEER_KERNEL void rope(bf16* __restrict__ out, const bf16* __restrict__ x,
+                       const bf16* __restrict__ cos_t, const bf16* __restrict__ sin_t,
+                       unsigned long long pairs, long long l, int half, float sign) {
+    for (size_t i = global_thread_index(); i < pairs; i += global_thread_count()) {
+        const size_t p = (i / half) % l * half + i % half;
+        const float c = bf16_to_float(cos_t[p]), s = sign * bf16_to_float(sin_t[p]);
+        const float a = bf16_to_float(x[2 * i]), b = bf16_to_float(x[2 * i + 1]);
+        out[2 * i] = float_to_bf16(a * c - b * s);
+        out[2 * i + 1] = float_to_bf16(b * c + a * s);
+    }
+}
+STEER_EMU_EXPORT(rope)
 
 // Rows of a (V, d) table: out[r, j] = w[ids[r], j] (ids checked on the host).
 STEER_KERNEL void embedding(bf16* __restrict__ out, const bf16* __restrict__ w,

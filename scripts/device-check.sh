@@ -106,7 +106,7 @@ for name, key in (("logits", "logits"), ("maps_grad", "maps_grad")):
     ok = ok and err <= tol
 sys.exit(0 if ok else 1)
 PY
-    # Steering end to end on the shipped ShapesWorld model, the UNet on the GPU and on the CPU.
+    # Steering end to end on the shipped ShapesWorld model, on the GPU and on the CPU.
     for device in cuda cpu; do
         t0=$(date +%s.%N)
         "$dir/steer" generate "a red circle to the left of a blue square" --device "$device" \

@@ -112,6 +112,7 @@ gpu_tests!(
     latent_update_skips_non_finite_gradient,
     pointwise_ops_match_cpu,
     data_movement_matches_cpu,
+    flux_ops_match_cpu,
     maps_match_cpu,
     norms_match_cpu,
     linear_and_conv_match_cpu,

@@ -66,6 +66,11 @@ fn data_movement_matches_cpu() {
 }
 
 #[test]
+fn flux_ops_match_cpu() {
+    kernel_cases::flux_ops_match_cpu(&emulated());
+}
+
+#[test]
 fn maps_match_cpu() {
     kernel_cases::maps_match_cpu(&emulated());
 }

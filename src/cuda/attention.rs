@@ -2,7 +2,9 @@
 //! attention forward and backward, written once for any [`Memory`] (the GPU or the emulation).
 //! Same contract as the CPU reference in `ops::attention`: q, k, v (B, H, L, D), here in bf16;
 //! maps (B, words, H, Lq) in f32. The backward recomputes the forward for O, the log-sum-exps and
-//! the maps (`ops::attention_backward` takes no saved state), which costs one forward.
+//! the maps (`ops::attention_backward` takes no saved state), which costs one forward. The causal
+//! forward (CLIP) is the same kernel with a mask; head dims past the fused kernel's take an
+//! explicit path (two GEMMs around a row softmax) for the forward without capture.
 
 use half::bf16;
 

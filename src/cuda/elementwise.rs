@@ -190,6 +190,100 @@ pub(crate) fn add_broadcast<M: Memory>(
     })
 }
 
+/// `ops::modulate`: x (B, L, D), shift and scale (B, D).
+pub(crate) fn modulate<M: Memory>(
+    m: &M,
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+) -> Result<Tensor> {
+    const OP: &str = "modulate";
+    let (l, d) = (x.shape()[1], x.shape()[2]);
+    let addrs = [
+        m.tensor_addr::<bf16>(OP, x)?,
+        m.tensor_addr::<bf16>(OP, shift)?,
+        m.tensor_addr::<bf16>(OP, scale)?,
+    ];
+    pointwise(m, "modulate", x.shape(), |_| {
+        let mut args: Vec<Arg> = addrs.iter().map(|&a| Arg::Ptr(a)).collect();
+        args.extend([
+            Arg::U64(x.numel() as u64),
+            Arg::I64(l as i64),
+            Arg::I32(d as i32),
+        ]);
+        Ok(args)
+    })
+}
+
+/// `ops::modulate_backward`: (dx, dshift, dscale).
+pub(crate) fn modulate_backward<M: Memory>(
+    m: &M,
+    x: &Tensor,
+    scale: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "modulate_backward";
+    let (l, d) = (x.shape()[1], x.shape()[2]);
+    let columns = scale.numel();
+    let mut dx = m.zeros::<bf16>(x.numel())?;
+    let mut dshift = m.zeros::<bf16>(columns)?;
+    let mut dscale = m.zeros::<bf16>(columns)?;
+    if columns > 0 {
+        m.launch(&KernelCall::grid_stride(
+            MODULE,
+            "modulate_backward",
+            columns,
+            vec![
+                Arg::Ptr(m.addr_mut(&mut dx)),
+                Arg::Ptr(m.addr_mut(&mut dshift)),
+                Arg::Ptr(m.addr_mut(&mut dscale)),
+                Arg::Ptr(m.tensor_addr::<bf16>(OP, x)?),
+                Arg::Ptr(m.tensor_addr::<bf16>(OP, scale)?),
+                Arg::Ptr(m.tensor_addr::<bf16>(OP, dy)?),
+                Arg::U64(columns as u64),
+                Arg::I64(l as i64),
+                Arg::I32(d as i32),
+            ],
+        ))?;
+    }
+    Ok((
+        m.tensor(dx, x.shape())?,
+        m.tensor(dshift, scale.shape())?,
+        m.tensor(dscale, scale.shape())?,
+    ))
+}
+
+/// `ops::rope` (`inverse`: `ops::rope_backward`): x (B, H, L, D), cos and sin (L, D/2).
+pub(crate) fn rope<M: Memory>(
+    m: &M,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    inverse: bool,
+) -> Result<Tensor> {
+    const OP: &str = "rope";
+    let (l, d) = (x.shape()[2], x.shape()[3]);
+    let addrs = [
+        m.tensor_addr::<bf16>(OP, x)?,
+        m.tensor_addr::<bf16>(OP, cos)?,
+        m.tensor_addr::<bf16>(OP, sin)?,
+    ];
+    let mut out = m.zeros::<bf16>(x.numel())?;
+    let pairs = x.numel() / 2;
+    if pairs > 0 {
+        let mut args = vec![Arg::Ptr(m.addr_mut(&mut out))];
+        args.extend(addrs.iter().map(|&a| Arg::Ptr(a)));
+        args.extend([
+            Arg::U64(pairs as u64),
+            Arg::I64(l as i64),
+            Arg::I32((d / 2) as i32),
+            Arg::F32(if inverse { -1.0 } else { 1.0 }),
+        ]);
+        m.launch(&KernelCall::grid_stride(MODULE, "rope", pairs, args))?;
+    }
+    m.tensor(out, x.shape())
+}
+
 /// `ops::embedding` (ids already checked against the table).
 pub(crate) fn embedding<M: Memory>(m: &M, w: &Tensor, ids: &[usize]) -> Result<Tensor> {
     let wa = m.tensor_addr::<bf16>("embedding", w)?;

@@ -143,7 +143,8 @@ fn map_probs<T: Float>(c: &Capture, s: &[T], p: &[T], buf: &mut Vec<T>) -> Range
 }
 
 /// softmax(q k^T * scale) v, with optional capture. Host tensors (f32, f64) run on the CPU;
-/// bf16 tensors on a CUDA device run the fused kernel (kernels/attention.cu), whose maps are f32.
+/// bf16 tensors on a CUDA device run the fused kernel (kernels/attention.cu), whose maps are f32
+/// (head dims past 128 without capture: the explicit path of src/cuda/attention.rs).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,

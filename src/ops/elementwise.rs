@@ -168,6 +168,7 @@ fn channels_3d(op: &'static str, x: &Tensor, v: &Tensor) -> Result<Tensor> {
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     const OP: &str = "modulate";
     let (l, d) = modulate_dims(OP, x, shift, scale)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::modulate(m, x, shift, scale));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, sh, sc) = (x.slice::<T>(OP)?, shift.slice::<T>(OP)?, scale.slice::<T>(OP)?);
         let mut out = vec![T::ZERO; xv.len()];
@@ -190,6 +191,7 @@ pub fn modulate_backward(
     const OP: &str = "modulate_backward";
     let (l, d) = modulate_dims(OP, x, scale, scale)?;
     same_shape(OP, x, dy)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::modulate_backward(m, x, scale, dy));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, sc, g) = (x.slice::<T>(OP)?, scale.slice::<T>(OP)?, dy.slice::<T>(OP)?);
         let mut dx = vec![T::ZERO; xv.len()];

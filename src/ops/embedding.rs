@@ -162,6 +162,7 @@ fn rope_rotate(
     inverse: bool,
 ) -> Result<Tensor> {
     let (l, d) = rope_dims(op, x, cos, sin)?;
+    crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::rope(m, x, cos, sin, inverse));
     float_dispatch!(op, x.dtype(), T => {
         let (xv, c, s) = (x.slice::<T>(op)?, cos.slice::<T>(op)?, sin.slice::<T>(op)?);
         let mut out = vec![T::ZERO; xv.len()];

@@ -562,6 +562,41 @@ pub fn data_movement_matches_cpu(t: &Target) {
     }
 }
 
+/// FLUX's adaLN modulation (forward, and its backward with the sums over L) and rotary embedding
+/// (forward and inverse), against the CPU.
+pub fn flux_ops_match_cpu(t: &Target) {
+    let (x, x32) = bf16_pair(t, &[2, 7, 24], 1);
+    let (shift, shift32) = bf16_pair(t, &[2, 24], 2);
+    let (scale, scale32) = bf16_pair(t, &[2, 24], 3);
+    let (dy, dy32) = bf16_pair(t, &[2, 7, 24], 4);
+    let got = t.on(|| ops::modulate(&x, &shift, &scale)).unwrap();
+    let want = ops::modulate(&x32, &shift32, &scale32).unwrap();
+    compare(t, "modulate", &got, &want, OUT_TOL);
+    let got = t.on(|| ops::modulate_backward(&x, &scale, &dy)).unwrap();
+    let want = ops::modulate_backward(&x32, &scale32, &dy32).unwrap();
+    for (what, g, w) in [
+        ("modulate_backward dx", &got.0, &want.0),
+        ("modulate_backward dshift", &got.1, &want.1),
+        ("modulate_backward dscale", &got.2, &want.2),
+    ] {
+        compare(t, what, g, w, OUT_TOL);
+    }
+    let (q, q32) = bf16_pair(t, &[1, 3, 10, 16], 5);
+    let (cos, cos32) = bf16_pair(t, &[10, 8], 6);
+    let (sin, sin32) = bf16_pair(t, &[10, 8], 7);
+    let got = t.on(|| ops::rope(&q, &cos, &sin)).unwrap();
+    compare(
+        t,
+        "rope",
+        &got,
+        &ops::rope(&q32, &cos32, &sin32).unwrap(),
+        OUT_TOL,
+    );
+    let got = t.on(|| ops::rope_backward(&q, &cos, &sin)).unwrap();
+    let want = ops::rope_backward(&q32, &cos32, &sin32).unwrap();
+    compare(t, "rope_backward", &got, &want, OUT_TOL);
+}
+
 /// kernels/maps.cu and the f32 copies: bilinear resizes down, up, to the same size and odd both
 /// ways, with their backward, then the whole assembly of the classifier's input (SPEC section 3)
 /// from maps at three resolutions, and its backward.
@@ -897,7 +932,7 @@ pub fn backward_ops_match_cpu(t: &Target) {
 }
 
 /// Steering's UNet pass on the kernels: the tiny SD2.1 UNet's forward with capture, the maps
-/// (resized on the host, SPEC section 3) and the latent gradient of a loss on the maps, against
+/// (assembled where the model is, SPEC section 3) and the latent gradient of a loss on the maps, against
 /// diffusers + torch autograd in f32 (the fixture of tests/sd21_unet.rs). The model computes in
 /// bf16 (see `unet_forward_matches_diffusers_in_bf16`); the caller's tensors stay f32 on the host.
 pub fn unet_steering_pass_matches_diffusers_in_bf16(t: &Target) {
