@@ -287,7 +287,8 @@ impl Tensor {
     }
 
     /// This tensor in `dtype` on `device` (the host for `None`). Dtype conversions run on the
-    /// host, except bf16 <-> f32 on a GPU that keeps the tensor (a kernel there).
+    /// host, except bf16 <-> f32 on a GPU that keeps the tensor (a kernel there; its emulation
+    /// inside `cuda::emulated::run`).
     pub(crate) fn to_place(
         &self,
         dtype: DType,
@@ -302,9 +303,14 @@ impl Tensor {
             return Ok(self.clone());
         }
         let floats = [DType::BF16, DType::F32];
-        if let (true, Some(dev)) = (same_place, device) {
-            if floats.contains(&self.dtype()) && floats.contains(&dtype) {
-                return crate::cuda::elementwise::cast(dev, self, dtype);
+        if same_place && floats.contains(&self.dtype()) && floats.contains(&dtype) {
+            match device {
+                Some(dev) => return crate::cuda::elementwise::cast(dev, self, dtype),
+                // The same kernel's emulation (identical rounding), so CI tests it.
+                None if crate::cuda::emulated::active() => {
+                    return crate::cuda::elementwise::cast(&crate::cuda::Emulated, self, dtype)
+                }
+                None => {}
             }
         }
         let host = self.to_host()?;

@@ -58,28 +58,6 @@ fn gpu_upload_download_round_trip_is_exact() {
     assert!(Tensor::randn(&[4], DType::F64, 0).to_cuda(&dev).is_err());
 }
 
-#[test]
-#[cfg_attr(
-    not(steer_require_gpu),
-    ignore = "needs a GPU: set STEER_REQUIRE_GPU=1"
-)]
-fn gpu_dtype_conversion_on_the_device_matches_the_host() {
-    let dev = device();
-    let x = Tensor::randn(&[5, 333], DType::F32, 9);
-    let like_bf16 = Tensor::zeros(&[1], DType::BF16).to_cuda(&dev).unwrap();
-    let like_f32 = Tensor::zeros(&[1], DType::F32).to_cuda(&dev).unwrap();
-    // f32 -> bf16 on the device (cast kernel), against the host's rounding; then back, exactly.
-    let down = x.to_cuda(&dev).unwrap().to_like(&like_bf16).unwrap();
-    assert!(!down.is_host());
-    let want = x.to_dtype(DType::BF16).unwrap();
-    assert_eq!(
-        down.to_host().unwrap().host("test").unwrap().as_bytes(),
-        want.host("test").unwrap().as_bytes()
-    );
-    let up = down.to_like(&like_f32).unwrap().to_host().unwrap();
-    assert_eq!(up.to_vec::<f32>().unwrap(), want.to_vec::<f32>().unwrap());
-}
-
 /// The GPU as a kernel_cases target: inputs uploaded, ops dispatching on their storage.
 fn gpu() -> Target {
     let dev = device();
@@ -112,6 +90,7 @@ gpu_tests!(
     latent_update_skips_non_finite_gradient,
     pointwise_ops_match_cpu,
     data_movement_matches_cpu,
+    casts_match_cpu,
     flux_ops_match_cpu,
     maps_match_cpu,
     norms_match_cpu,

@@ -66,6 +66,11 @@ fn data_movement_matches_cpu() {
 }
 
 #[test]
+fn casts_match_cpu() {
+    kernel_cases::casts_match_cpu(&emulated());
+}
+
+#[test]
 fn flux_ops_match_cpu() {
     kernel_cases::flux_ops_match_cpu(&emulated());
 }

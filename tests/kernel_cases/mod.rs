@@ -562,6 +562,38 @@ pub fn data_movement_matches_cpu(t: &Target) {
     }
 }
 
+/// bf16 <-> f32 conversions where the tensor lives (kernels on the target), against the host's
+/// round to nearest even: bit for bit both ways.
+pub fn casts_match_cpu(t: &Target) {
+    let x = Tensor::randn(&[5, 333], DType::F32, 9);
+    let want = x.to_dtype(DType::BF16).unwrap();
+    let like_bf16 = (t.place)(&Tensor::zeros(&[1], DType::BF16));
+    let like_f32 = (t.place)(&Tensor::zeros(&[1], DType::F32));
+    let placed = (t.place)(&x);
+    let (down, up) = t.on(|| {
+        let down = placed.to_like(&like_bf16).unwrap();
+        let up = down.to_like(&like_f32).unwrap();
+        (down, up)
+    });
+    assert_eq!(
+        down.is_host(),
+        t.emulate,
+        "{}: the cast stays on the target",
+        t.name
+    );
+    let bytes = |t: &Tensor| {
+        t.to_host()
+            .unwrap()
+            .host("cast")
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    };
+    assert_eq!(bytes(&down), bytes(&want), "{}: f32 -> bf16", t.name);
+    let back = want.to_dtype(DType::F32).unwrap();
+    assert_eq!(bytes(&up), bytes(&back), "{}: bf16 -> f32", t.name);
+}
+
 /// FLUX's adaLN modulation (forward, and its backward with the sums over L) and rotary embedding
 /// (forward and inverse), against the CPU.
 pub fn flux_ops_match_cpu(t: &Target) {
