@@ -70,6 +70,23 @@ pub(crate) fn gemm_strided<T: Float>(
     c: StridedMut<T>,
     accumulate: bool,
 ) {
+    let parallel = m * n * k >= PAR_THRESHOLD * 4 && rayon::current_num_threads() > 1;
+    gemm_strided_with(m, n, k, a, b, c, accumulate, parallel)
+}
+
+/// `gemm_strided`, multithreaded only when `parallel` (false for callers that parallelise over
+/// tiles themselves).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided_with<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Strided<T>,
+    b: Strided<T>,
+    c: StridedMut<T>,
+    accumulate: bool,
+    parallel: bool,
+) {
     assert!(
         fits(a.data.len(), m, k, a.rs, a.cs),
         "gemm: lhs out of bounds"
@@ -95,7 +112,7 @@ pub(crate) fn gemm_strided<T: Float>(
         }
         return;
     }
-    let par = if m * n * k >= PAR_THRESHOLD * 4 && rayon::current_num_threads() > 1 {
+    let par = if parallel {
         gemm::Parallelism::Rayon(0)
     } else {
         gemm::Parallelism::None
