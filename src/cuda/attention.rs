@@ -88,29 +88,33 @@ fn round16(x: usize) -> usize {
     x.div_ceil(16) * 16
 }
 
-/// Checks what the kernels support beyond the CPU op's own checks; `fused`: the fused kernels'
-/// head-dim limit applies.
+/// The fused kernels' head-dim limit.
+fn require_fused(op: &'static str, dm: &Dims) -> Result<()> {
+    if fits_fused(dm) {
+        return Ok(());
+    }
+    Err(Error::shape(
+        op,
+        format!(
+            "head dims {} and {}: the fused kernel takes at most {DMAX} (wider heads run \
+             without capture, causal mask or backward)",
+            dm.d, dm.dv
+        ),
+    ))
+}
+
+/// Checks what the kernels support beyond the CPU op's own checks (the head-dim limit of the
+/// fused kernels is `require_fused`'s).
 fn check(
     op: &'static str,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     capture: Option<&Capture>,
-    fused: bool,
 ) -> Result<Dims> {
     let dm = dims(op, q, k, v)?;
     if let Some(c) = capture {
         check_capture(op, c, dm.lk)?;
-    }
-    if fused && !fits_fused(&dm) {
-        return Err(Error::shape(
-            op,
-            format!(
-                "head dims {} and {}: the fused kernel takes at most {DMAX} (wider heads run \
-                 without capture, causal mask or backward)",
-                dm.d, dm.dv
-            ),
-        ));
     }
     if dm.b * dm.h * dm.lq * dm.lk * dm.d * dm.dv == 0 {
         return Err(Error::shape(op, "an empty dimension".to_string()));
@@ -206,8 +210,11 @@ pub(crate) fn attention<M: Memory>(
     causal: bool,
 ) -> Result<AttentionOutput> {
     const OP: &str = "attention (CUDA kernel)";
-    let explicit = capture.is_none() && !causal && !fits_fused(&dims(OP, q, k, v)?);
-    let dm = check(OP, q, k, v, capture, !explicit)?;
+    let dm = check(OP, q, k, v, capture)?;
+    let explicit = capture.is_none() && !causal && !fits_fused(&dm);
+    if !explicit {
+        require_fused(OP, &dm)?;
+    }
     if causal {
         check_causal(OP, &dm, true)?;
         if capture.is_some() {
@@ -254,7 +261,8 @@ pub(crate) fn attention_backward<M: Memory>(
     kv_grads: bool,
 ) -> Result<AttentionGrads> {
     const OP: &str = "attention_backward (CUDA kernel)";
-    let dm = check(OP, q, k, v, capture.map(|(c, _)| c), true)?;
+    let dm = check(OP, q, k, v, capture.map(|(c, _)| c))?;
+    require_fused(OP, &dm)?;
     check_backward_shapes(OP, &dm, dout, capture)?;
     let dmaps = match capture {
         Some((_, g)) => m.tensor_addr::<f32>(OP, g)?,

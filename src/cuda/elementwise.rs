@@ -73,14 +73,32 @@ fn pointwise_as<T: TensorElem, M: Memory>(
     shape: &[usize],
     args: impl FnOnce(&M) -> Result<Vec<Arg>>,
 ) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
-    let mut out = m.zeros::<T>(n)?;
+    pointwise_over::<T, M>(m, name, shape, shape.iter().product(), args)
+}
+
+/// `pointwise_as` whose grid covers `threads` work items rather than one an output element (a
+/// pair of outputs for rope, an output column's pair of inputs for geglu's backward).
+fn pointwise_over<T: TensorElem, M: Memory>(
+    m: &M,
+    name: &'static str,
+    shape: &[usize],
+    threads: usize,
+    args: impl FnOnce(&M) -> Result<Vec<Arg>>,
+) -> Result<Tensor> {
+    let mut out = m.zeros::<T>(shape.iter().product())?;
     let mut all = vec![Arg::Ptr(m.addr_mut(&mut out))];
     all.extend(args(m)?);
-    if n > 0 {
-        m.launch(&KernelCall::grid_stride(MODULE, name, n, all))?;
+    if threads > 0 {
+        m.launch(&KernelCall::grid_stride(MODULE, name, threads, all))?;
     }
     m.tensor(out, shape)
+}
+
+/// Pointer arguments for the bf16 tensors `ts`, in order.
+fn bf16_ptrs<M: Memory>(m: &M, op: &'static str, ts: &[&Tensor]) -> Result<Vec<Arg>> {
+    ts.iter()
+        .map(|t| Ok(Arg::Ptr(m.tensor_addr::<bf16>(op, t)?)))
+        .collect()
 }
 
 /// `ops::add`, `sub`, `mul` on bf16 (activations) or f32 (latents).
@@ -197,15 +215,9 @@ pub(crate) fn modulate<M: Memory>(
     shift: &Tensor,
     scale: &Tensor,
 ) -> Result<Tensor> {
-    const OP: &str = "modulate";
     let (l, d) = (x.shape()[1], x.shape()[2]);
-    let addrs = [
-        m.tensor_addr::<bf16>(OP, x)?,
-        m.tensor_addr::<bf16>(OP, shift)?,
-        m.tensor_addr::<bf16>(OP, scale)?,
-    ];
+    let mut args = bf16_ptrs(m, "modulate", &[x, shift, scale])?;
     pointwise(m, "modulate", x.shape(), |_| {
-        let mut args: Vec<Arg> = addrs.iter().map(|&a| Arg::Ptr(a)).collect();
         args.extend([
             Arg::U64(x.numel() as u64),
             Arg::I64(l as i64),
@@ -222,28 +234,29 @@ pub(crate) fn modulate_backward<M: Memory>(
     scale: &Tensor,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    const OP: &str = "modulate_backward";
     let (l, d) = (x.shape()[1], x.shape()[2]);
     let columns = scale.numel();
+    let inputs = bf16_ptrs(m, "modulate_backward", &[x, scale, dy])?;
     let mut dx = m.zeros::<bf16>(x.numel())?;
     let mut dshift = m.zeros::<bf16>(columns)?;
     let mut dscale = m.zeros::<bf16>(columns)?;
     if columns > 0 {
+        let mut args = vec![
+            Arg::Ptr(m.addr_mut(&mut dx)),
+            Arg::Ptr(m.addr_mut(&mut dshift)),
+            Arg::Ptr(m.addr_mut(&mut dscale)),
+        ];
+        args.extend(inputs);
+        args.extend([
+            Arg::U64(columns as u64),
+            Arg::I64(l as i64),
+            Arg::I32(d as i32),
+        ]);
         m.launch(&KernelCall::grid_stride(
             MODULE,
             "modulate_backward",
             columns,
-            vec![
-                Arg::Ptr(m.addr_mut(&mut dx)),
-                Arg::Ptr(m.addr_mut(&mut dshift)),
-                Arg::Ptr(m.addr_mut(&mut dscale)),
-                Arg::Ptr(m.tensor_addr::<bf16>(OP, x)?),
-                Arg::Ptr(m.tensor_addr::<bf16>(OP, scale)?),
-                Arg::Ptr(m.tensor_addr::<bf16>(OP, dy)?),
-                Arg::U64(columns as u64),
-                Arg::I64(l as i64),
-                Arg::I32(d as i32),
-            ],
+            args,
         ))?;
     }
     Ok((
@@ -261,27 +274,18 @@ pub(crate) fn rope<M: Memory>(
     sin: &Tensor,
     inverse: bool,
 ) -> Result<Tensor> {
-    const OP: &str = "rope";
     let (l, d) = (x.shape()[2], x.shape()[3]);
-    let addrs = [
-        m.tensor_addr::<bf16>(OP, x)?,
-        m.tensor_addr::<bf16>(OP, cos)?,
-        m.tensor_addr::<bf16>(OP, sin)?,
-    ];
-    let mut out = m.zeros::<bf16>(x.numel())?;
+    let mut args = bf16_ptrs(m, "rope", &[x, cos, sin])?;
     let pairs = x.numel() / 2;
-    if pairs > 0 {
-        let mut args = vec![Arg::Ptr(m.addr_mut(&mut out))];
-        args.extend(addrs.iter().map(|&a| Arg::Ptr(a)));
+    pointwise_over::<bf16, M>(m, "rope", x.shape(), pairs, |_| {
         args.extend([
             Arg::U64(pairs as u64),
             Arg::I64(l as i64),
             Arg::I32((d / 2) as i32),
             Arg::F32(if inverse { -1.0 } else { 1.0 }),
         ]);
-        m.launch(&KernelCall::grid_stride(MODULE, "rope", pairs, args))?;
-    }
-    m.tensor(out, x.shape())
+        Ok(args)
+    })
 }
 
 /// `ops::embedding` (ids already checked against the table).
@@ -523,28 +527,12 @@ pub(crate) fn geglu_backward<M: Memory>(
     dy: &Tensor,
     d: usize,
 ) -> Result<Tensor> {
-    const OP: &str = "geglu_backward";
-    let (xa, da) = (
-        m.tensor_addr::<bf16>(OP, x)?,
-        m.tensor_addr::<bf16>(OP, dy)?,
-    );
-    let mut out = m.zeros::<bf16>(x.numel())?;
+    let mut args = bf16_ptrs(m, "geglu_backward", &[x, dy])?;
     let n = dy.numel();
-    if n > 0 {
-        m.launch(&KernelCall::grid_stride(
-            MODULE,
-            "geglu_backward",
-            n,
-            vec![
-                Arg::Ptr(m.addr_mut(&mut out)),
-                Arg::Ptr(xa),
-                Arg::Ptr(da),
-                Arg::U64(n as u64),
-                Arg::I32(d as i32),
-            ],
-        ))?;
-    }
-    m.tensor(out, x.shape())
+    pointwise_over::<bf16, M>(m, "geglu_backward", x.shape(), n, |_| {
+        args.extend([Arg::U64(n as u64), Arg::I32(d as i32)]);
+        Ok(args)
+    })
 }
 
 /// The sum of each 2x2 block of `dy`'s trailing (2H, 2W) planes.

@@ -4,7 +4,7 @@
 use half::bf16;
 
 use super::launch::{Arg, KernelCall};
-use super::memory::Memory;
+use super::memory::{optional_bf16_addr, Memory};
 use crate::error::{Error, Result};
 use crate::ops::Conv2dParams;
 use crate::Tensor;
@@ -105,7 +105,7 @@ pub(crate) fn linear<M: Memory>(
     let (outf, inf) = (w.shape()[0], w.shape()[1]);
     let rows = x.numel() / inf.max(1);
     let (xa, wa) = (m.tensor_addr::<bf16>(OP, x)?, m.tensor_addr::<bf16>(OP, w)?);
-    let ba = b.map_or(Ok(0), |b| m.tensor_addr::<bf16>(OP, b))?;
+    let ba = optional_bf16_addr(m, OP, b)?;
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = outf;
     let out = times_weight(
@@ -131,7 +131,7 @@ pub(crate) fn conv2d<M: Memory>(
     const OP: &str = "conv2d";
     let (g, o) = (Geometry::new(x, w, p), w.shape()[0]);
     let (xa, wa) = (m.tensor_addr::<bf16>(OP, x)?, m.tensor_addr::<bf16>(OP, w)?);
-    let ba = b.map_or(Ok(0), |b| m.tensor_addr::<bf16>(OP, b))?;
+    let ba = optional_bf16_addr(m, OP, b)?;
     let (rows, kdim) = (g.rows(), g.kdim());
     let mut col = m.zeros::<bf16>(rows * kdim)?;
     patches(m, "im2col", m.addr_mut(&mut col), xa, &g, rows * kdim)?;

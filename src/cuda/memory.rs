@@ -54,6 +54,15 @@ pub(crate) trait Memory {
     fn launch(&self, call: &KernelCall) -> Result<()>;
 }
 
+/// The address of an optional bf16 operand (a bias, a norm's affine parameter); 0 for none.
+pub(crate) fn optional_bf16_addr<M: Memory>(
+    m: &M,
+    op: &'static str,
+    t: Option<&Tensor>,
+) -> Result<u64> {
+    t.map_or(Ok(0), |t| m.tensor_addr::<bf16>(op, t))
+}
+
 fn expect_dtype<T: TensorElem>(op: &'static str, t: &Tensor) -> Result<()> {
     if t.dtype() == T::DTYPE {
         Ok(())

@@ -4,7 +4,7 @@
 use half::bf16;
 
 use super::launch::{Arg, KernelCall};
-use super::memory::Memory;
+use super::memory::{optional_bf16_addr, Memory};
 use crate::error::Result;
 use crate::ops::norm::Rows;
 use crate::Tensor;
@@ -36,11 +36,6 @@ fn launch_rows<M: Memory>(
     m.tensor(out, x.shape())
 }
 
-/// The address of an optional parameter (0: none).
-fn param<M: Memory>(m: &M, op: &'static str, p: Option<&Tensor>) -> Result<u64> {
-    p.map_or(Ok(0), |p| m.tensor_addr::<bf16>(op, p))
-}
-
 pub(crate) fn norm<M: Memory>(
     m: &M,
     op: &'static str,
@@ -51,8 +46,8 @@ pub(crate) fn norm<M: Memory>(
 ) -> Result<Tensor> {
     let lead = vec![
         Arg::Ptr(m.tensor_addr::<bf16>(op, x)?),
-        Arg::Ptr(param(m, op, gamma)?),
-        Arg::Ptr(param(m, op, beta)?),
+        Arg::Ptr(optional_bf16_addr(m, op, gamma)?),
+        Arg::Ptr(optional_bf16_addr(m, op, beta)?),
     ];
     launch_rows(m, "norm_rows", x, rows, lead)
 }
@@ -69,7 +64,7 @@ pub(crate) fn norm_backward<M: Memory>(
     let lead = vec![
         Arg::Ptr(m.tensor_addr::<bf16>(op, x)?),
         Arg::Ptr(m.tensor_addr::<bf16>(op, dy)?),
-        Arg::Ptr(param(m, op, gamma)?),
+        Arg::Ptr(optional_bf16_addr(m, op, gamma)?),
     ];
     launch_rows(m, "norm_rows_backward", x, rows, lead)
 }
