@@ -108,10 +108,12 @@ pub trait Float:
     fn abs(self) -> Self;
     fn max(self, other: Self) -> Self;
     fn is_finite(self) -> bool;
+    /// Softmax of `scale * row`, in place (f32: vectorised, `ops::simd`).
+    fn softmax_scaled(row: &mut [Self], scale: Self);
 }
 
 macro_rules! float {
-    ($t:ty, $erf:path) => {
+    ($t:ty, $erf:path, $softmax:path) => {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -146,9 +148,12 @@ macro_rules! float {
             fn is_finite(self) -> bool {
                 <$t>::is_finite(self)
             }
+            fn softmax_scaled(row: &mut [Self], scale: Self) {
+                $softmax(row, scale)
+            }
         }
     };
 }
 
-float!(f32, libm::erff);
-float!(f64, libm::erf);
+float!(f32, libm::erff, crate::ops::simd::softmax_f32);
+float!(f64, libm::erf, crate::ops::softmax_row_generic);

@@ -187,10 +187,15 @@ pub fn geglu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 
 /// Softmax of one row in place (max-subtracted for stability).
 pub(crate) fn softmax_row<T: Float>(row: &mut [T]) {
-    let m = row.iter().copied().fold(T::NEG_INFINITY, T::max);
+    T::softmax_scaled(row, T::ONE)
+}
+
+/// Softmax of `scale * row` in place, by the definition (f64's `Float::softmax_scaled`).
+pub(crate) fn softmax_row_generic<T: Float>(row: &mut [T], scale: T) {
+    let m = row.iter().fold(T::NEG_INFINITY, |m, &x| m.max(scale * x));
     let mut s = T::ZERO;
     for v in row.iter_mut() {
-        *v = (*v - m).exp();
+        *v = (scale * *v - m).exp();
         s += *v;
     }
     let inv = T::ONE / s;
@@ -199,10 +204,17 @@ pub(crate) fn softmax_row<T: Float>(row: &mut [T]) {
 
 /// dx = y * (dy - sum(dy * y)) for one row, written into `dy`'s place in `out`.
 pub(crate) fn softmax_row_backward<T: Float>(y: &[T], dy: &[T], out: &mut [T]) {
-    let dot: T = y.iter().zip(dy).map(|(&a, &b)| a * b).sum();
-    out.iter_mut()
-        .zip(y.iter().zip(dy))
-        .for_each(|(o, (&y, &d))| *o = y * (d - dot));
+    out.copy_from_slice(dy);
+    softmax_row_backward_in_place(y, out, T::ONE);
+}
+
+/// `g` <- scale * y * (g - sum(g * y)): the gradient of softmax(scale * x) at x, from its output
+/// `y` and the gradient `g` on it.
+pub(crate) fn softmax_row_backward_in_place<T: Float>(y: &[T], g: &mut [T], scale: T) {
+    let dot: T = y.iter().zip(g.iter()).map(|(&a, &b)| a * b).sum();
+    g.iter_mut()
+        .zip(y)
+        .for_each(|(g, &y)| *g = scale * y * (*g - dot));
 }
 
 /// Softmax over the last dimension.

@@ -7,13 +7,17 @@
 //! and the backward recomputes the probabilities. The backward takes an optional gradient on the
 //! captured maps and injects it into dP on the captured columns, so the gradient of a loss on the
 //! maps flows to the queries and keys without any hook.
+//!
+//! On the CPU the work is shared out as (head, block of query rows) tasks, not whole heads: SD2.1's
+//! first level has 5 heads, which 2 threads would split 3 to 2. The softmax is `Float`'s
+//! (vectorised for f32), applied to the raw logits with the scale folded in.
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::activation::{softmax_row, softmax_row_backward};
-use super::linalg::{gemm, Layout};
+use super::activation::softmax_row_backward_in_place;
+use super::linalg::{gemm_with, Layout};
 use super::{expect_rank, float_dispatch, same_dtype};
 use crate::{Error, Float, Result, Tensor};
 
@@ -103,43 +107,71 @@ pub(crate) fn check_capture(op: &'static str, c: &Capture, lk: usize) -> Result<
     Ok(())
 }
 
-/// Logits of the block of query rows starting at `r0`: s = q_rows @ k^T * scale, (rows, Lk);
-/// with `causal`, keys after the query's own position are masked out (-inf).
-#[allow(clippy::too_many_arguments)]
-fn logits<T: Float>(
-    q_rows: &[T],
-    k: &[T],
-    r0: usize,
-    rows: usize,
-    dm: &Dims,
-    scale: T,
-    causal: bool,
-    s: &mut [T],
-) {
-    gemm(rows, dm.lk, dm.d, q_rows, Layout::N, k, Layout::T, s, false);
-    s.iter_mut().for_each(|x| *x *= scale);
-    if causal {
-        for (i, row) in s.chunks_mut(dm.lk).enumerate() {
-            row[(r0 + i + 1).min(dm.lk)..].fill(T::NEG_INFINITY);
+/// Raw logits of a block of query rows: s = q_rows @ kt, (rows, Lk), from the keys transposed,
+/// kt (D, Lk); the softmax applies the scale.
+fn logits<T: Float>(q_rows: &[T], kt: &[T], rows: usize, dm: &Dims, s: &mut [T]) {
+    gemm_with(
+        rows,
+        dm.lk,
+        dm.d,
+        q_rows,
+        Layout::N,
+        kt,
+        Layout::N,
+        s,
+        false,
+        Some(false),
+    );
+}
+
+/// Each head's (L, C) matrix of `x` transposed to (C, L). The GEMMs take K and V as right-hand
+/// operands in this layout: the GEMM packs them with contiguous copies, not strided gathers
+/// (a fifth of the attention's time at 4096 keys, repeated for every block of query rows).
+fn transposed_heads<T: Float>(x: &[T], heads: usize, l: usize, c: usize) -> Vec<T> {
+    let mut t = vec![T::ZERO; x.len()];
+    t.par_chunks_mut((l * c).max(1))
+        .zip(x.par_chunks((l * c).max(1)))
+        .for_each(|(t, x)| transpose_into(x, l, c, t));
+    debug_assert_eq!(x.len(), heads * l * c);
+    t
+}
+
+/// `t` (cols, rows) = `x` (rows, cols) transposed, in cache-sized tiles.
+fn transpose_into<T: Float>(x: &[T], rows: usize, cols: usize, t: &mut [T]) {
+    const TILE: usize = 32;
+    for i0 in (0..rows).step_by(TILE) {
+        for j0 in (0..cols).step_by(TILE) {
+            for i in i0..(i0 + TILE).min(rows) {
+                for j in j0..(j0 + TILE).min(cols) {
+                    t[j * rows + i] = x[i * cols + j];
+                }
+            }
         }
     }
 }
 
-/// The probabilities the maps read, for one row of logits `s` whose full softmax is `p`.
-fn map_probs<T: Float>(c: &Capture, s: &[T], p: &[T], buf: &mut Vec<T>) -> Range<usize> {
-    match &c.softmax_cols {
-        None => {
-            buf.clear();
-            buf.extend_from_slice(p);
-            0..p.len()
-        }
-        Some(cols) => {
-            buf.clear();
-            buf.extend_from_slice(&s[cols.clone()]);
-            softmax_row(buf);
-            cols.clone()
-        }
-    }
+/// softmax(scale * row) over the keys query `r` sees (with `causal`, keys 0..=r), in place; the
+/// masked keys get probability 0.
+fn softmax_visible<T: Float>(row: &mut [T], r: usize, scale: T, causal: bool) {
+    let seen = if causal {
+        (r + 1).min(row.len())
+    } else {
+        row.len()
+    };
+    let (seen, masked) = row.split_at_mut(seen);
+    T::softmax_scaled(seen, scale);
+    masked.fill(T::ZERO);
+}
+
+/// A capture over its own columns (FLUX): softmax(scale * s_row[cols]) into `out`.
+fn column_softmax<T: Float>(cols: &Range<usize>, s_row: &[T], scale: T, out: &mut [T]) {
+    out.copy_from_slice(&s_row[cols.clone()]);
+    T::softmax_scaled(out, scale);
+}
+
+/// A word's map value: the mean of its columns' probabilities (`probs` starts at column `c0`).
+fn word_mean<T: Float>(word: &[usize], probs: &[T], c0: usize) -> T {
+    word.iter().map(|&j| probs[j - c0]).sum::<T>() / T::of(word.len() as f64)
 }
 
 /// softmax(q k^T * scale) v, with optional capture. Host tensors (f32, f64) run on the CPU;
@@ -203,56 +235,93 @@ fn attention_impl(
     let nw = capture.map_or(0, |c| c.words.len());
     float_dispatch!(OP, q.dtype(), T => {
         let (qv, kv, vv) = (q.slice::<T>(OP)?, k.slice::<T>(OP)?, v.slice::<T>(OP)?);
-        let mut out = vec![T::ZERO; dm.b * dm.h * dm.lq * dm.dv];
-        // Per head: its maps as (words, Lq), scattered into (B, words, H, Lq) afterwards.
-        let head_maps: Vec<Vec<T>> = out
-            .par_chunks_mut((dm.lq * dm.dv).max(1))
-            .enumerate()
-            .map(|(bh, o)| {
-                let kh = &kv[bh * dm.lk * dm.d..(bh + 1) * dm.lk * dm.d];
+        let blocks = dm.lq.div_ceil(ROWS);
+        let kt = transposed_heads(kv, dm.b * dm.h, dm.lk, dm.d);
+        // One task a (head, block of query rows): its output rows and its maps (words, rows).
+        let done: Vec<(Vec<T>, Vec<T>)> = (0..dm.b * dm.h * blocks)
+            .into_par_iter()
+            .map(|t| {
+                let (bh, r0) = (t / blocks, t % blocks * ROWS);
+                let rows = ROWS.min(dm.lq - r0);
+                let kth = &kt[bh * dm.lk * dm.d..(bh + 1) * dm.lk * dm.d];
                 let vh = &vv[bh * dm.lk * dm.dv..(bh + 1) * dm.lk * dm.dv];
-                let mut maps = vec![T::ZERO; nw * dm.lq];
-                let mut s = vec![T::ZERO; ROWS * dm.lk];
-                let mut buf = Vec::new();
-                for r0 in (0..dm.lq).step_by(ROWS) {
-                    let rows = ROWS.min(dm.lq - r0);
-                    let qr = &qv[(bh * dm.lq + r0) * dm.d..];
-                    let s = &mut s[..rows * dm.lk];
-                    logits(qr, kh, r0, rows, &dm, T::of(scale), causal, s);
-                    let mut p = s.to_vec();
-                    for (i, (pr, sr)) in p.chunks_mut(dm.lk).zip(s.chunks(dm.lk)).enumerate() {
-                        softmax_row(pr);
-                        if let Some(c) = capture {
-                            let cols = map_probs(c, sr, pr, &mut buf);
-                            for (w, word) in c.words.iter().enumerate() {
-                                let sum: T = word.iter().map(|&j| buf[j - cols.start]).sum();
-                                maps[w * dm.lq + r0 + i] = sum / T::of(word.len() as f64);
-                            }
-                        }
-                    }
-                    gemm(rows, dm.dv, dm.lk, &p, Layout::N, vh, Layout::N,
-                         &mut o[r0 * dm.dv..(r0 + rows) * dm.dv], false);
-                }
-                maps
+                let qb = &qv[(bh * dm.lq + r0) * dm.d..(bh * dm.lq + r0 + rows) * dm.d];
+                forward_block(qb, kth, vh, r0, rows, &dm, T::of(scale), capture, causal)
             })
             .collect();
+        let mut out = vec![T::ZERO; dm.b * dm.h * dm.lq * dm.dv];
+        let mut m = vec![T::ZERO; dm.b * nw * dm.h * dm.lq];
+        for (t, (o, bm)) in done.iter().enumerate() {
+            let (bh, r0) = (t / blocks, t % blocks * ROWS);
+            let rows = o.len() / dm.dv.max(1);
+            let at = (bh * dm.lq + r0) * dm.dv;
+            out[at..at + o.len()].copy_from_slice(o);
+            let (b, h) = (bh / dm.h, bh % dm.h);
+            for (w, wm) in bm.chunks(rows.max(1)).enumerate() {
+                let at = ((b * nw + w) * dm.h + h) * dm.lq + r0;
+                m[at..at + wm.len()].copy_from_slice(wm);
+            }
+        }
         let out = Tensor::from_vec(out, &[dm.b, dm.h, dm.lq, dm.dv])?;
         let maps = match capture {
             None => None,
-            Some(_) => {
-                let mut m = vec![T::ZERO; dm.b * nw * dm.h * dm.lq];
-                for (bh, hm) in head_maps.iter().enumerate() {
-                    let (b, h) = (bh / dm.h, bh % dm.h);
-                    for w in 0..nw {
-                        let dst = ((b * nw + w) * dm.h + h) * dm.lq;
-                        m[dst..dst + dm.lq].copy_from_slice(&hm[w * dm.lq..(w + 1) * dm.lq]);
-                    }
-                }
-                Some(Tensor::from_vec(m, &[dm.b, nw, dm.h, dm.lq])?)
-            }
+            Some(_) => Some(Tensor::from_vec(m, &[dm.b, nw, dm.h, dm.lq])?),
         };
         Ok(AttentionOutput { out, maps })
     })
+}
+
+/// One block of `rows` query rows (starting at row `r0`) of one head, from its queries, keys
+/// transposed (D, Lk) and values: its output (rows, Dv) and, with a capture, its maps (words,
+/// rows).
+#[allow(clippy::too_many_arguments)]
+fn forward_block<T: Float>(
+    qb: &[T],
+    kt: &[T],
+    vh: &[T],
+    r0: usize,
+    rows: usize,
+    dm: &Dims,
+    scale: T,
+    capture: Option<&Capture>,
+    causal: bool,
+) -> (Vec<T>, Vec<T>) {
+    let mut s = vec![T::ZERO; rows * dm.lk];
+    logits(qb, kt, rows, dm, &mut s);
+    let nw = capture.map_or(0, |c| c.words.len());
+    let mut maps = vec![T::ZERO; nw * rows];
+    let mut sub = Vec::new();
+    for (i, row) in s.chunks_mut(dm.lk.max(1)).enumerate() {
+        let cols = capture.and_then(|c| c.softmax_cols.clone());
+        if let Some(cols) = &cols {
+            sub.resize(cols.len(), T::ZERO);
+            column_softmax(cols, row, scale, &mut sub);
+        }
+        softmax_visible(row, r0 + i, scale, causal);
+        if let Some(c) = capture {
+            let (probs, c0) = match &cols {
+                Some(cols) => (&sub[..], cols.start),
+                None => (&row[..], 0),
+            };
+            for (w, word) in c.words.iter().enumerate() {
+                maps[w * rows + i] = word_mean(word, probs, c0);
+            }
+        }
+    }
+    let mut out = vec![T::ZERO; rows * dm.dv];
+    gemm_with(
+        rows,
+        dm.dv,
+        dm.lk,
+        &s,
+        Layout::N,
+        vh,
+        Layout::N,
+        &mut out,
+        false,
+        Some(false),
+    );
+    (out, maps)
 }
 
 /// Gradients of `sum(out * dout) + sum(maps * dmaps)` with respect to q (and k, v when
@@ -301,6 +370,158 @@ pub(crate) fn check_backward_shapes(
     Ok(())
 }
 
+/// One head's operands: (Lq, D) queries, (Lk, D) keys and (D, Lk) transposed, (Dv, Lk) values
+/// transposed, (Lq, Dv) output gradient; `bh` = b * H + h.
+struct Head<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    kt: &'a [T],
+    vt: &'a [T],
+    dout: &'a [T],
+    bh: usize,
+}
+
+/// A backward task's results: dQ of its rows, and its rows' share of dK and dV, transposed
+/// ((D, Lk) and (Dv, Lk): the GEMMs then read P and dS without a strided gather); empty without
+/// `kv_grads`.
+struct BackwardPart<T> {
+    dq: Vec<T>,
+    dk: Vec<T>,
+    dv: Vec<T>,
+}
+
+/// The backward over query rows `rr` of one head, a block of ROWS at a time. `maps`: the capture
+/// and the maps' gradient (B, words, H, Lq).
+fn backward_rows<T: Float>(
+    hd: &Head<T>,
+    rr: Range<usize>,
+    dm: &Dims,
+    scale: T,
+    maps: Option<(&Capture, &[T])>,
+    kv_grads: bool,
+    causal: bool,
+) -> BackwardPart<T> {
+    let mut part = BackwardPart {
+        dq: vec![T::ZERO; rr.len() * dm.d],
+        dk: vec![T::ZERO; if kv_grads { dm.lk * dm.d } else { 0 }],
+        dv: vec![T::ZERO; if kv_grads { dm.lk * dm.dv } else { 0 }],
+    };
+    let lk = dm.lk.max(1);
+    let block = ROWS.min(rr.len());
+    let (mut s, mut dp) = (vec![T::ZERO; block * dm.lk], vec![T::ZERO; block * dm.lk]);
+    let cols = maps.and_then(|(c, _)| c.softmax_cols.clone());
+    let ncols = cols.as_ref().map_or(0, |c| c.len());
+    let (mut sub, mut gsub) = (vec![T::ZERO; block * ncols], vec![T::ZERO; ncols]);
+    let (b, h) = (hd.bh / dm.h, hd.bh % dm.h);
+    for r0 in rr.clone().step_by(ROWS) {
+        let rows = ROWS.min(rr.end - r0);
+        let (s, dp) = (&mut s[..rows * dm.lk], &mut dp[..rows * dm.lk]);
+        logits(&hd.q[r0 * dm.d..(r0 + rows) * dm.d], hd.kt, rows, dm, s);
+        if let Some(cols) = &cols {
+            for (row, out) in s.chunks(lk).zip(sub.chunks_mut(ncols)) {
+                column_softmax(cols, row, scale, out);
+            }
+        }
+        s.chunks_mut(lk)
+            .enumerate()
+            .for_each(|(i, row)| softmax_visible(row, r0 + i, scale, causal));
+        let dor = &hd.dout[r0 * dm.dv..(r0 + rows) * dm.dv];
+        if kv_grads {
+            gemm_with(
+                dm.dv,
+                dm.lk,
+                rows,
+                dor,
+                Layout::T,
+                s,
+                Layout::N,
+                &mut part.dv,
+                true,
+                Some(false),
+            );
+        }
+        // dP = dO V^T; the maps' gradient joins it on the words' columns (maps over all keys)
+        // or goes through their own softmax (maps over `cols`); then dS, overwriting dP.
+        gemm_with(
+            rows,
+            dm.lk,
+            dm.dv,
+            dor,
+            Layout::N,
+            hd.vt,
+            Layout::N,
+            dp,
+            false,
+            Some(false),
+        );
+        for (i, (p, g)) in s.chunks(lk).zip(dp.chunks_mut(lk)).enumerate() {
+            let Some((c, dmaps)) = maps else {
+                softmax_row_backward_in_place(p, g, scale);
+                continue;
+            };
+            let nw = c.words.len();
+            let word_grad = |w: usize| {
+                dmaps[((b * nw + w) * dm.h + h) * dm.lq + r0 + i] / T::of(c.words[w].len() as f64)
+            };
+            match &cols {
+                None => {
+                    for (w, word) in c.words.iter().enumerate() {
+                        let gw = word_grad(w);
+                        word.iter().for_each(|&j| g[j] += gw);
+                    }
+                    softmax_row_backward_in_place(p, g, scale);
+                }
+                Some(cols) => {
+                    softmax_row_backward_in_place(p, g, scale);
+                    gsub.fill(T::ZERO);
+                    for (w, word) in c.words.iter().enumerate() {
+                        let gw = word_grad(w);
+                        word.iter().for_each(|&j| gsub[j - cols.start] += gw);
+                    }
+                    softmax_row_backward_in_place(
+                        &sub[i * ncols..(i + 1) * ncols],
+                        &mut gsub,
+                        scale,
+                    );
+                    g[cols.clone()]
+                        .iter_mut()
+                        .zip(&gsub)
+                        .for_each(|(a, &b)| *a += b);
+                }
+            }
+        }
+        let dq = &mut part.dq[(r0 - rr.start) * dm.d..(r0 - rr.start + rows) * dm.d];
+        gemm_with(
+            rows,
+            dm.d,
+            dm.lk,
+            dp,
+            Layout::N,
+            hd.k,
+            Layout::N,
+            dq,
+            false,
+            Some(false),
+        );
+        if kv_grads {
+            let qb = &hd.q[r0 * dm.d..(r0 + rows) * dm.d];
+            gemm_with(
+                dm.d,
+                dm.lk,
+                rows,
+                qb,
+                Layout::T,
+                dp,
+                Layout::N,
+                &mut part.dk,
+                true,
+                Some(false),
+            );
+        }
+    }
+    part
+}
+
 #[allow(clippy::too_many_arguments)]
 fn attention_backward_impl(
     q: &Tensor,
@@ -324,75 +545,55 @@ fn attention_backward_impl(
         let (qv, kv, vv) = (q.slice::<T>(OP)?, k.slice::<T>(OP)?, v.slice::<T>(OP)?);
         let dov = dout.slice::<T>(OP)?;
         let dmv = capture.map(|(_, g)| g.slice::<T>(OP)).transpose()?;
-        let nw = capture.map_or(0, |(c, _)| c.words.len());
-        let scale_t = T::of(scale);
-        let per_head: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..dm.b * dm.h)
+        let blocks = dm.lq.div_ceil(ROWS);
+        // A task takes a run of row blocks of one head. dK and dV sum over all of a head's rows,
+        // so each task returns partial sums: enough tasks to share out over the threads (about 4
+        // a thread), no more, so the partials stay few. Without them, one task a block.
+        let split = if kv_grads {
+            (4 * rayon::current_num_threads()).div_ceil(dm.b * dm.h).min(blocks).max(1)
+        } else {
+            blocks.max(1)
+        };
+        let task_rows = blocks.div_ceil(split) * ROWS;
+        let kt = transposed_heads(kv, dm.b * dm.h, dm.lk, dm.d);
+        let vt = transposed_heads(vv, dm.b * dm.h, dm.lk, dm.dv);
+        let done: Vec<BackwardPart<T>> = (0..dm.b * dm.h * split)
             .into_par_iter()
-            .map(|bh| {
-                let (b, h) = (bh / dm.h, bh % dm.h);
-                let qh = &qv[bh * dm.lq * dm.d..(bh + 1) * dm.lq * dm.d];
-                let kh = &kv[bh * dm.lk * dm.d..(bh + 1) * dm.lk * dm.d];
-                let vh = &vv[bh * dm.lk * dm.dv..(bh + 1) * dm.lk * dm.dv];
-                let doh = &dov[bh * dm.lq * dm.dv..(bh + 1) * dm.lq * dm.dv];
-                let mut dq = vec![T::ZERO; dm.lq * dm.d];
-                let (mut dk, mut dv) = if kv_grads {
-                    (vec![T::ZERO; dm.lk * dm.d], vec![T::ZERO; dm.lk * dm.dv])
-                } else {
-                    (Vec::new(), Vec::new())
+            .map(|t| {
+                let bh = t / split;
+                let r0 = (t % split * task_rows).min(dm.lq);
+                let head = Head {
+                    q: &qv[bh * dm.lq * dm.d..(bh + 1) * dm.lq * dm.d],
+                    k: &kv[bh * dm.lk * dm.d..(bh + 1) * dm.lk * dm.d],
+                    kt: &kt[bh * dm.lk * dm.d..(bh + 1) * dm.lk * dm.d],
+                    vt: &vt[bh * dm.lk * dm.dv..(bh + 1) * dm.lk * dm.dv],
+                    dout: &dov[bh * dm.lq * dm.dv..(bh + 1) * dm.lq * dm.dv],
+                    bh,
                 };
-                let mut s = vec![T::ZERO; ROWS * dm.lk];
-                let mut dp = vec![T::ZERO; ROWS * dm.lk];
-                let (mut buf, mut g, mut dsc) = (Vec::new(), Vec::new(), Vec::new());
-                for r0 in (0..dm.lq).step_by(ROWS) {
-                    let rows = ROWS.min(dm.lq - r0);
-                    let (s, dp) = (&mut s[..rows * dm.lk], &mut dp[..rows * dm.lk]);
-                    logits(&qh[r0 * dm.d..], kh, r0, rows, &dm, scale_t, causal, s);
-                    let mut p = s.to_vec();
-                    p.chunks_mut(dm.lk).for_each(softmax_row);
-                    let dor = &doh[r0 * dm.dv..(r0 + rows) * dm.dv];
-                    if kv_grads {
-                        gemm(dm.lk, dm.dv, rows, &p, Layout::T, dor, Layout::N, &mut dv, true);
-                    }
-                    // dP = dO V^T
-                    gemm(rows, dm.lk, dm.dv, dor, Layout::N, vh, Layout::T, dp, false);
-                    // dS = P * (dP - rowsum(dP * P)), then the maps' own path.
-                    let mut ds = vec![T::ZERO; rows * dm.lk];
-                    for i in 0..rows {
-                        let row = i * dm.lk..(i + 1) * dm.lk;
-                        softmax_row_backward(&p[row.clone()], &dp[row.clone()], &mut ds[row.clone()]);
-                        let (Some((c, _)), Some(dmv)) = (capture, dmv) else { continue };
-                        // G[j] = sum over words containing column j of dmaps / |word|.
-                        let cols = map_probs(c, &s[row.clone()], &p[row.clone()], &mut buf);
-                        g.clear();
-                        g.resize(cols.len(), T::ZERO);
-                        for (w, word) in c.words.iter().enumerate() {
-                            let gw = dmv[((b * nw + w) * dm.h + h) * dm.lq + r0 + i]
-                                / T::of(word.len() as f64);
-                            word.iter().for_each(|&j| g[j - cols.start] += gw);
-                        }
-                        dsc.clear();
-                        dsc.resize(cols.len(), T::ZERO);
-                        softmax_row_backward(&buf, &g, &mut dsc);
-                        let dsr = &mut ds[row.start + cols.start..row.start + cols.end];
-                        dsr.iter_mut().zip(&dsc).for_each(|(a, &b)| *a += b);
-                    }
-                    ds.iter_mut().for_each(|x| *x *= scale_t);
-                    gemm(rows, dm.d, dm.lk, &ds, Layout::N, kh, Layout::N,
-                         &mut dq[r0 * dm.d..(r0 + rows) * dm.d], false);
-                    if kv_grads {
-                        gemm(dm.lk, dm.d, rows, &ds, Layout::T, &qh[r0 * dm.d..], Layout::N, &mut dk, true);
-                    }
-                }
-                (dq, dk, dv)
+                let maps = capture.zip(dmv).map(|((c, _), g)| (c, g));
+                let rows = r0..(r0 + task_rows).min(dm.lq);
+                backward_rows(&head, rows, &dm, T::of(scale), maps, kv_grads, causal)
             })
             .collect();
-        let mut dq = Vec::with_capacity(qv.len());
-        let (mut dk, mut dv) = (Vec::new(), Vec::new());
-        for (a, b, c) in per_head {
-            dq.extend(a);
-            dk.extend(b);
-            dv.extend(c);
+        let mut dq = vec![T::ZERO; qv.len()];
+        // Per head: the tasks' dK^T and dV^T summed.
+        let (mut dkt, mut dvt) = if kv_grads {
+            (vec![T::ZERO; kv.len()], vec![T::ZERO; vv.len()])
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        for (t, part) in done.iter().enumerate() {
+            let bh = t / split;
+            let at = (bh * dm.lq + (t % split * task_rows).min(dm.lq)) * dm.d;
+            dq[at..at + part.dq.len()].copy_from_slice(&part.dq);
+            if kv_grads {
+                let add = |dst: &mut [T], src: &[T]| dst.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
+                add(&mut dkt[bh * part.dk.len()..(bh + 1) * part.dk.len()], &part.dk);
+                add(&mut dvt[bh * part.dv.len()..(bh + 1) * part.dv.len()], &part.dv);
+            }
         }
+        let dk = transposed_heads(&dkt, dm.b * dm.h, dm.d, dm.lk);
+        let dv = transposed_heads(&dvt, dm.b * dm.h, dm.dv, dm.lk);
         Ok(AttentionGrads {
             dq: Tensor::from_vec(dq, q.shape())?,
             dk: if kv_grads { Some(Tensor::from_vec(dk, k.shape())?) } else { None },

@@ -158,21 +158,35 @@ pub(crate) fn gemm<T: Float>(
     c: &mut [T],
     accumulate: bool,
 ) {
+    gemm_with(m, n, k, a, la, b, lb, c, accumulate, None)
+}
+
+/// [`gemm`] with a say over threading: `Some(false)` for callers that parallelise over blocks
+/// themselves; `None` decides by size, as [`gemm_strided`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_with<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    la: Layout,
+    b: &[T],
+    lb: Layout,
+    c: &mut [T],
+    accumulate: bool,
+    parallel: Option<bool>,
+) {
     let a = Strided::contiguous(a, la, m, k);
     let b = Strided::contiguous(b, lb, k, n);
-    gemm_strided(
-        m,
-        n,
-        k,
-        a,
-        b,
-        StridedMut {
-            data: c,
-            rs: n,
-            cs: 1,
-        },
-        accumulate,
-    );
+    let c = StridedMut {
+        data: c,
+        rs: n,
+        cs: 1,
+    };
+    match parallel {
+        None => gemm_strided(m, n, k, a, b, c, accumulate),
+        Some(p) => gemm_strided_with(m, n, k, a, b, c, accumulate, p),
+    }
 }
 
 /// Split `shape` into (batch dims, rows, cols) for a matrix operand.

@@ -19,6 +19,7 @@ pub(crate) mod norm;
 mod pad;
 pub(crate) mod resize;
 mod shape;
+pub(crate) mod simd;
 
 pub use activation::*;
 pub use attention::*;

@@ -1,6 +1,8 @@
 //! Data movement: concat, split, permute. (Reshape is `Tensor::reshape`: same data, so its
 //! backward is a reshape back.) Each is exact for any element type, so they work on every dtype.
 
+use rayon::prelude::*;
+
 use crate::tensor::HostData;
 use crate::{Error, Result, Tensor};
 
@@ -133,30 +135,105 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     }
     crate::cuda::kernel_dispatch!([BF16, F32] x, m => crate::cuda::elementwise::permute(m, x, perm));
     let shape: Vec<usize> = perm.iter().map(|&p| x.shape()[p]).collect();
-    // Input strides, read in output order.
-    let in_strides = crate::tensor::contiguous_strides(x.shape());
-    let strides: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
-    let n = x.numel();
-    let data = per_dtype!(x.host(OP)?, v => {
-        let mut out = Vec::with_capacity(n);
-        let mut idx = vec![0usize; r];
-        let mut off = 0usize;
-        for _ in 0..n {
-            out.push(v[off]);
-            // Odometer increment over the output index, tracking the input offset.
-            for d in (0..r).rev() {
-                idx[d] += 1;
-                off += strides[d];
-                if idx[d] < shape[d] {
-                    break;
-                }
-                off -= strides[d] * shape[d];
-                idx[d] = 0;
-            }
-        }
-        out
-    });
+    let dims = coalesce(x.shape(), perm);
+    let data = per_dtype!(x.host(OP)?, v => permuted(v, &dims));
     Tensor::from_host(data, &shape)
+}
+
+/// The output's dims as (size, input stride), outermost first: size-1 dims dropped, and output
+/// neighbours that are also input neighbours merged. SD2.1's permutes become a row copy
+/// (heads split and merged: runs of the head width) or a batched 2-D transpose (channels to
+/// tokens and back).
+fn coalesce(shape: &[usize], perm: &[usize]) -> Vec<(usize, usize)> {
+    let strides = crate::tensor::contiguous_strides(shape);
+    let mut dims: Vec<(usize, usize)> = Vec::new();
+    for &p in perm.iter().filter(|&&p| shape[p] != 1) {
+        match dims.last_mut() {
+            Some(last) if last.1 == shape[p] * strides[p] => {
+                *last = (last.0 * shape[p], strides[p])
+            }
+            _ => dims.push((shape[p], strides[p])),
+        }
+    }
+    dims
+}
+
+/// The input offset of element `i` of the output dims `dims` (the whole output's row-major
+/// index).
+fn input_offset(dims: &[(usize, usize)], mut i: usize) -> usize {
+    let mut off = 0;
+    for &(n, s) in dims.iter().rev() {
+        off += i % n * s;
+        i /= n;
+    }
+    off
+}
+
+/// `v` permuted as `coalesce` describes. Contiguous runs are copied whole; a last dim read with
+/// a stride, whose input-contiguous partner is the dim before it, is a tiled transpose; other
+/// orders walk the output one element at a time (`permuted_elementwise`). Parallel over output
+/// rows.
+fn permuted<T: Copy + Send + Sync>(v: &[T], dims: &[(usize, usize)]) -> Vec<T> {
+    const TILE: usize = 32;
+    let Some(&(n_last, s_last)) = dims.last().filter(|_| !v.is_empty()) else {
+        return v.to_vec();
+    };
+    if s_last == 1 {
+        let mut out = v.to_vec();
+        out.par_chunks_mut(n_last).enumerate().for_each(|(row, o)| {
+            let off = input_offset(&dims[..dims.len() - 1], row);
+            o.copy_from_slice(&v[off..off + n_last]);
+        });
+        return out;
+    }
+    match dims.len().checked_sub(2).map(|j| dims[j]) {
+        Some((n_j, 1)) => {
+            // Blocks of (n_j, n_last) output, each the transpose of an input block whose rows
+            // are n_last strided runs of n_j; TILE output rows a task (a TILE x n_last tile
+            // written column by column stays in L1).
+            let outer = &dims[..dims.len() - 2];
+            let mut out = v.to_vec();
+            out.par_chunks_mut(n_j * n_last)
+                .enumerate()
+                .for_each(|(block, ob)| {
+                    let base = input_offset(outer, block);
+                    ob.par_chunks_mut(TILE * n_last)
+                        .enumerate()
+                        .for_each(|(t, o)| {
+                            let (j0, rows) = (t * TILE, o.len() / n_last);
+                            for k in 0..n_last {
+                                let src = base + k * s_last + j0;
+                                for (r, &x) in v[src..src + rows].iter().enumerate() {
+                                    o[r * n_last + k] = x;
+                                }
+                            }
+                        });
+                });
+            out
+        }
+        _ => permuted_elementwise(v, dims),
+    }
+}
+
+/// The definition: walk the output in order, tracking the input offset (an odometer over the
+/// output index).
+fn permuted_elementwise<T: Copy>(v: &[T], dims: &[(usize, usize)]) -> Vec<T> {
+    let mut out = Vec::with_capacity(v.len());
+    let mut idx = vec![0usize; dims.len()];
+    let mut off = 0usize;
+    for _ in 0..v.len() {
+        out.push(v[off]);
+        for (d, &(n, s)) in dims.iter().enumerate().rev() {
+            idx[d] += 1;
+            off += s;
+            if idx[d] < n {
+                break;
+            }
+            off -= s * n;
+            idx[d] = 0;
+        }
+    }
+    out
 }
 
 /// The permutation that undoes `perm`: `permute(permute(x, p), &inverse_permutation(p)) == x`,
@@ -169,4 +246,48 @@ pub fn inverse_permutation(perm: &[usize]) -> Vec<usize> {
         }
     }
     inv
+}
+
+#[cfg(test)]
+mod permute_tests {
+    use super::*;
+
+    /// Every permutation of a few shapes (with size-1 dims, and sizes that are not multiples of
+    /// the transpose tile) against the element-by-element walk over the uncoalesced dims.
+    #[test]
+    fn fast_paths_match_the_definition() {
+        fn perms(n: usize) -> Vec<Vec<usize>> {
+            if n == 0 {
+                return vec![vec![]];
+            }
+            let mut all = Vec::new();
+            for p in perms(n - 1) {
+                for i in 0..n {
+                    let mut q = p.clone();
+                    q.insert(i, n - 1);
+                    all.push(q);
+                }
+            }
+            all
+        }
+        for shape in [
+            &[2, 3, 40, 5][..],
+            &[1, 70, 33, 1],
+            &[3, 1, 64, 2],
+            &[2, 5, 7],
+        ] {
+            let n: usize = shape.iter().product();
+            let v: Vec<i64> = (0..n as i64).collect();
+            let strides = crate::tensor::contiguous_strides(shape);
+            for perm in perms(shape.len()) {
+                let plain: Vec<(usize, usize)> =
+                    perm.iter().map(|&p| (shape[p], strides[p])).collect();
+                assert_eq!(
+                    permuted(&v, &coalesce(shape, &perm)),
+                    permuted_elementwise(&v, &plain),
+                    "shape {shape:?} perm {perm:?}"
+                );
+            }
+        }
+    }
 }
