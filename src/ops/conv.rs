@@ -141,13 +141,16 @@ fn col2im<T: Float>(g: &Geometry, col: &[T], dx: &mut [T]) {
         });
 }
 
-/// Stride-1 convolution without an im2col buffer: the output is kh*kw accumulated GEMMs
-/// (K = Cin) of the weights' (i, j) tap with the zero-padded input shifted by (i, j). Computed on
-/// "wide" rows of the padded width Wp, whose last kw-1 columns are discarded: then every shifted
-/// view is a plain strided matrix (channel stride Hp*Wp, column stride 1). Same FLOPs as im2col,
-/// none of its Cin*kh*kw*Ho*Wo buffer (1.2 GB for a 512 px VAE conv).
-/// Output columns per parallel tile of `Shifted::forward_tiled`.
-const FORWARD_TILE: usize = 256;
+/// Stride-1 convolution of a large plane without an im2col buffer: the output is kh*kw
+/// accumulated GEMMs (K = Cin) of the weights' (i, j) tap with the zero-padded input shifted by
+/// (i, j). Computed on "wide" rows of the padded width Wp, whose last kw-1 columns are discarded:
+/// then every shifted view is a plain strided matrix (channel stride Hp*Wp, column stride 1).
+/// Same FLOPs as im2col, none of its Cin*kh*kw*Ho*Wo buffer (1.2 GB for a 512 px VAE conv).
+/// Small planes take im2col (`Shifted::takes`): there the buffer is small, and one GEMM reads
+/// the weights as they are stored.
+///
+/// Output columns per parallel tile of `Shifted::tiled`.
+const TILE: usize = 256;
 
 struct Shifted {
     hp: usize,
@@ -164,6 +167,11 @@ impl Shifted {
             wp,
             cols: (g.ho - 1) * wp + g.wo,
         }
+    }
+
+    /// Whether a convolution takes the tiled path: stride 1 and at least 8 tiles to share out.
+    fn takes(g: &Geometry) -> bool {
+        g.stride == 1 && Shifted::new(g).cols >= 8 * TILE
     }
 
     /// The input, zero-padded to (Cin, Hp, Wp) (borrowed when there is no padding).
@@ -200,22 +208,11 @@ impl Shifted {
         }
     }
 
-    /// y (Cout, Ho*Wo) += conv(x) for one image.
-    fn forward<T: Float>(&self, g: &Geometry, x: &[T], w: &[T], y: &mut [T]) {
-        if self.cols >= 8 * FORWARD_TILE {
-            self.forward_tiled(g, x, w, y)
-        } else {
-            self.forward_whole(g, x, w, y)
-        }
-    }
-
-    /// Large planes (SD2.1's 64x64 convolutions): computed transposed, as (cols, Cout), in tiles
-    /// of FORWARD_TILE columns run in parallel, so each tile's accumulator stays in cache across
-    /// the kh*kw taps (over the whole plane, every tap re-reads a multi-MB accumulator). Small
-    /// planes with many channels (16x16x1280) have too few tiles to share out, and there each
-    /// tile would repack the (Cin, Cout) tap: they take `forward_whole`.
-    fn forward_tiled<T: Float>(&self, g: &Geometry, x: &[T], w: &[T], y: &mut [T]) {
-        const TILE: usize = FORWARD_TILE;
+    /// y (Cout, Ho*Wo) += conv(x) for one image, from the kernel as contiguous taps
+    /// ([`contiguous_taps`]). Computed transposed, as (cols, Cout), in tiles of TILE columns run in
+    /// parallel, so each tile's accumulator stays in cache across the kh*kw taps (over the whole
+    /// plane, every tap re-reads a multi-MB accumulator).
+    fn tiled<T: Float>(&self, g: &Geometry, x: &[T], taps: &[T], y: &mut [T]) {
         let xp = self.padded(g, x);
         let mut wide_t = vec![T::ZERO; self.cols * g.cout];
         wide_t
@@ -235,7 +232,11 @@ impl Shifted {
                             rs: g.cout,
                             cs: 1,
                         };
-                        let tap = self.tap(g, w, i, j).t();
+                        let tap = Strided {
+                            data: &taps[(i * g.kw + j) * g.cin * g.cout..],
+                            rs: g.cout,
+                            cs: 1,
+                        };
                         gemm_strided_with(rows, g.cout, g.cin, view, tap, c, true, false);
                     }
                 }
@@ -249,39 +250,6 @@ impl Shifted {
                     }
                 }
             });
-    }
-
-    /// One accumulated GEMM a tap over the whole plane.
-    fn forward_whole<T: Float>(&self, g: &Geometry, x: &[T], w: &[T], y: &mut [T]) {
-        let xp = self.padded(g, x);
-        let mut wide = vec![T::ZERO; g.cout * g.ho * self.wp];
-        for i in 0..g.kh {
-            for j in 0..g.kw {
-                let c = StridedMut {
-                    data: &mut wide,
-                    rs: g.ho * self.wp,
-                    cs: 1,
-                };
-                gemm_strided(
-                    g.cout,
-                    self.cols,
-                    g.cin,
-                    self.tap(g, w, i, j),
-                    self.view(&xp, i, j),
-                    c,
-                    true,
-                );
-            }
-        }
-        for (yo, wo) in y.chunks_mut(g.ho * g.wo).zip(wide.chunks(g.ho * self.wp)) {
-            for oy in 0..g.ho {
-                let src = &wo[oy * self.wp..oy * self.wp + g.wo];
-                yo[oy * g.wo..(oy + 1) * g.wo]
-                    .iter_mut()
-                    .zip(src)
-                    .for_each(|(a, &b)| *a += b);
-            }
-        }
     }
 
     /// dx (Cin, H*W) = conv's input gradient for one image; and dw += its weight gradient.
@@ -343,6 +311,60 @@ impl Shifted {
     }
 }
 
+/// The kernel's taps as contiguous (Cin, Cout) matrices, tap (i, j) at index i * kw + j: the
+/// tiled GEMMs then pack them with contiguous copies, not a gather at stride kh*kw for every
+/// tile (a tenth of a 64x64 convolution's time). One pass over the weights a call.
+fn contiguous_taps<T: Float>(g: &Geometry, w: &[T]) -> Vec<T> {
+    let (taps, per) = (g.kh * g.kw, g.cin * g.cout);
+    let mut out = vec![T::ZERO; taps * per];
+    out.par_chunks_mut(per.max(1))
+        .enumerate()
+        .for_each(|(t, m)| {
+            for (c, row) in m.chunks_mut(g.cout.max(1)).enumerate() {
+                for (o, v) in row.iter_mut().enumerate() {
+                    *v = w[(o * g.cin + c) * taps + t];
+                }
+            }
+        });
+    out
+}
+
+/// The input gradient of a stride-1 convolution is itself one: of dy, padded by kh-1-pad, with
+/// the kernel turned 180 degrees and its channel roles swapped. Its geometry and its taps (as
+/// [`contiguous_taps`]: tap (i, j) the (Cout, Cin) matrix of the forward's tap (kh-1-i, kw-1-j)),
+/// or None when that is not a plain convolution (a non-square kernel, padding >= its size).
+fn input_gradient_conv<T: Float>(g: &Geometry, w: &[T]) -> Option<(Geometry, Vec<T>)> {
+    if g.stride != 1 || g.kh != g.kw || g.pad >= g.kh {
+        return None;
+    }
+    let gt = Geometry {
+        batch: g.batch,
+        cin: g.cout,
+        h: g.ho,
+        w: g.wo,
+        cout: g.cin,
+        kh: g.kh,
+        kw: g.kw,
+        ho: g.h,
+        wo: g.w,
+        stride: 1,
+        pad: g.kh - 1 - g.pad,
+    };
+    let taps = g.kh * g.kw;
+    let mut out = vec![T::ZERO; taps * g.cin * g.cout];
+    out.par_chunks_mut((g.cout * g.cin).max(1))
+        .enumerate()
+        .for_each(|(t, m)| {
+            let flipped = taps - 1 - t;
+            for (o, row) in m.chunks_mut(g.cin.max(1)).enumerate() {
+                for (c, v) in row.iter_mut().enumerate() {
+                    *v = w[(o * g.cin + c) * taps + flipped];
+                }
+            }
+        });
+    Some((gt, out))
+}
+
 /// `x`: (B, Cin, H, W), `w`: (Cout, Cin, kh, kw), `b`: (Cout) -> (B, Cout, Ho, Wo), as
 /// torch.nn.functional.conv2d with an integer stride and padding.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
@@ -362,8 +384,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
         let (xv, wv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?);
         let plane = g.ho * g.wo;
         let mut out = vec![T::ZERO; g.batch * g.cout * plane];
-        let shifted = (g.stride == 1).then(|| Shifted::new(&g));
-        let mut col = if shifted.is_some() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
+        let tiled = Shifted::takes(&g).then(|| (Shifted::new(&g), contiguous_taps(&g, wv)));
+        let mut col = if tiled.is_some() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
         for n in 0..g.batch {
             let xn = &xv[n * g.cin * g.h * g.w..(n + 1) * g.cin * g.h * g.w];
             let yn = &mut out[n * g.cout * plane..(n + 1) * g.cout * plane];
@@ -371,11 +393,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
                 let bv = b.slice::<T>(OP)?;
                 yn.chunks_mut(plane).zip(bv).for_each(|(r, &bi)| r.fill(bi));
             }
-            if let Some(sh) = &shifted {
-                sh.forward(&g, xn, wv, yn);
+            if let Some((sh, taps)) = &tiled {
+                sh.tiled(&g, xn, taps, yn);
                 continue;
             }
-            // Strided convolutions (the downsamplers) go through im2col.
             im2col(&g, xn, &mut col);
             gemm(g.cout, plane, g.k(), wv, Layout::N, &col, Layout::N, yn, b.is_some());
         }
@@ -422,11 +443,27 @@ pub fn conv2d_backward(
         let mut dx = vec![T::ZERO; xv.len()];
         let mut dw = vec![T::ZERO; if weight_grads { wv.len() } else { 0 }];
         let mut db = vec![T::ZERO; if weight_grads { g.cout } else { 0 }];
-        let shifted = (g.stride == 1).then(|| Shifted::new(&g));
-        let mut col = if shifted.is_some() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
+        // Training (weight gradients too) keeps the shifted whole-plane GEMMs for stride 1: no
+        // im2col buffer at any plane size. The input gradient alone: of a large plane, a tiled
+        // convolution of dy (`input_gradient_conv`); of a small plane or a strided convolution,
+        // one GEMM into im2col's layout, then its adjoint.
+        let shifted = (weight_grads && g.stride == 1).then(|| Shifted::new(&g));
+        let transposed = (!weight_grads && Shifted::takes(&g))
+            .then(|| input_gradient_conv(&g, wv))
+            .flatten()
+            .map(|(gt, taps)| (Shifted::new(&gt), gt, taps));
+        let mut col = if shifted.is_some() || transposed.is_some() {
+            Vec::new()
+        } else {
+            vec![T::ZERO; g.k() * plane]
+        };
         for n in 0..g.batch {
             let dyn_ = &dyv[n * g.cout * plane..(n + 1) * g.cout * plane];
             let dxn = &mut dx[n * img..(n + 1) * img];
+            if let Some((sh, gt, taps)) = &transposed {
+                sh.tiled(gt, dyn_, taps, dxn);
+                continue;
+            }
             if let Some(sh) = &shifted {
                 let xn = &xv[n * img..(n + 1) * img];
                 sh.backward(&g, xn, wv, dyn_, dxn, weight_grads.then_some(&mut dw[..]));
@@ -477,10 +514,7 @@ mod tests {
             padding: 1,
         };
         let g = Geometry::new("test", &x, &k, p).unwrap();
-        assert!(
-            Shifted::new(&g).cols >= 8 * FORWARD_TILE,
-            "takes the tiled path"
-        );
+        assert!(Shifted::takes(&g), "takes the tiled path");
         let got = conv2d(&x, &k, Some(&b), p)
             .unwrap()
             .to_vec::<f64>()
@@ -512,6 +546,52 @@ mod tests {
                         got[at]
                     );
                 }
+            }
+        }
+    }
+
+    /// The input gradient of large planes (a tiled convolution of dy with the kernel turned)
+    /// against its definition, dx[c, y, x] = sum over (o, i, j) of w[o, c, i, j] *
+    /// dy[o, y + p - i, x + p - j], in f64 (1e-12: summation order only); 3x3 and 1x1 kernels,
+    /// two images.
+    #[test]
+    fn tiled_input_gradient_matches_its_definition() {
+        for (k, pad) in [(3, 1), (1, 0)] {
+            let (batch, cin, cout, h, w) = (2, 3, 4, 50, 50);
+            let x = Tensor::randn(&[batch, cin, h, w], DType::F64, 1);
+            let wt = Tensor::randn(&[cout, cin, k, k], DType::F64, 2);
+            let p = Conv2dParams {
+                stride: 1,
+                padding: pad,
+            };
+            let g = Geometry::new("test", &x, &wt, p).unwrap();
+            assert!(Shifted::takes(&g), "takes the tiled path");
+            let dy = Tensor::randn(&g.out_shape(), DType::F64, 3);
+            let got = conv2d_backward(&x, &wt, &dy, p, false).unwrap().dx;
+            let got = got.to_vec::<f64>().unwrap();
+            let (wv, dyv) = (wt.to_vec::<f64>().unwrap(), dy.to_vec::<f64>().unwrap());
+            for (n, c, y, xx) in (0..batch).flat_map(|n| {
+                (0..cin)
+                    .flat_map(move |c| (0..h).flat_map(move |y| (0..w).map(move |x| (n, c, y, x))))
+            }) {
+                let mut want = 0.0;
+                for o in 0..cout {
+                    for i in 0..k {
+                        for j in 0..k {
+                            let (oy, ox) = ((y + pad).wrapping_sub(i), (xx + pad).wrapping_sub(j));
+                            if oy < g.ho && ox < g.wo {
+                                want += wv[((o * cin + c) * k + i) * k + j]
+                                    * dyv[((n * cout + o) * g.ho + oy) * g.wo + ox];
+                            }
+                        }
+                    }
+                }
+                let at = ((n * cin + c) * h + y) * w + xx;
+                assert!(
+                    (got[at] - want).abs() <= 1e-12 * want.abs().max(1.0),
+                    "k {k}: ({n}, {c}, {y}, {xx}): {} vs {want}",
+                    got[at]
+                );
             }
         }
     }
