@@ -24,6 +24,16 @@ fn sigmoid<T: Float>(x: T) -> T {
     T::ONE / (T::ONE + (-x).exp())
 }
 
+/// The standard normal's CDF, Phi(x): exact GELU is x * Phi(x).
+fn normal_cdf<T: Float>(x: T) -> T {
+    T::of(0.5) * (T::ONE + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
+}
+
+/// The standard normal's density, phi(x): exact GELU's derivative is Phi(x) + x phi(x).
+fn normal_pdf<T: Float>(x: T) -> T {
+    (T::of(-0.5) * x * x).exp() * T::of(0.398_942_280_401_432_7)
+}
+
 const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
 const GELU_TANH_C: f64 = 0.044_715;
 
@@ -32,9 +42,7 @@ impl Activation {
         let half = T::of(0.5);
         match self {
             Activation::Silu => x * sigmoid(x),
-            Activation::Gelu => {
-                half * x * (T::ONE + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
-            }
+            Activation::Gelu => x * normal_cdf(x),
             Activation::GeluTanh => {
                 let u = T::of(SQRT_2_OVER_PI) * (x + T::of(GELU_TANH_C) * x * x * x);
                 half * x * (T::ONE + u.tanh())
@@ -59,11 +67,7 @@ impl Activation {
                 let s = sigmoid(x);
                 s * (T::ONE + x * (T::ONE - s))
             }
-            Activation::Gelu => {
-                let cdf = half * (T::ONE + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
-                let pdf = (-half * x * x).exp() * T::of(0.398_942_280_401_432_7);
-                cdf + x * pdf
-            }
+            Activation::Gelu => normal_cdf(x) + x * normal_pdf(x),
             Activation::GeluTanh => {
                 let u = T::of(SQRT_2_OVER_PI) * (x + T::of(GELU_TANH_C) * x * x * x);
                 let t = u.tanh();
@@ -175,9 +179,11 @@ pub fn geglu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
             |(dxr, (xr, dyr))| {
                 let (h, g) = xr.split_at(d);
                 let (dh, dg) = dxr.split_at_mut(d);
+                // Phi(g) once for both halves (erf is most of this loop's time).
                 for i in 0..d {
-                    dh[i] = dyr[i] * Activation::Gelu.f(g[i]);
-                    dg[i] = dyr[i] * h[i] * Activation::Gelu.df(g[i]);
+                    let cdf = normal_cdf(g[i]);
+                    dh[i] = dyr[i] * g[i] * cdf;
+                    dg[i] = dyr[i] * h[i] * (cdf + g[i] * normal_pdf(g[i]));
                 }
             },
         );

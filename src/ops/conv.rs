@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::linalg::{gemm, gemm_strided, gemm_strided_with, Layout, Strided, StridedMut};
+use super::linalg::{gemm_strided, gemm_strided_with, Strided, StridedMut};
 use super::{expect_rank, float_dispatch, same_dtype};
 use crate::{Error, Float, Result, Tensor};
 
@@ -91,6 +91,134 @@ impl Geometry {
         (o * self.stride + k)
             .checked_sub(self.pad)
             .filter(|&i| i < size)
+    }
+}
+
+/// im2col a group of input channels at a time, so its buffer stays a few MB and is reused
+/// across groups: whole, it would be a fresh 50-100 MB allocation (page faults and zeroing)
+/// every call at 32x32 with 1280 or more channels. The GEMMs accumulate over the groups.
+struct ChannelGroups {
+    g: Geometry,
+    /// Channels per group.
+    size: usize,
+}
+
+/// Elements of an im2col buffer: 8 MB of f32.
+const COL_ELEMS: usize = 1 << 21;
+
+impl ChannelGroups {
+    fn new(g: &Geometry) -> Self {
+        let per_channel = (g.kh * g.kw * g.ho * g.wo).max(1);
+        ChannelGroups {
+            g: *g,
+            size: (COL_ELEMS / per_channel).clamp(1, g.cin.max(1)),
+        }
+    }
+
+    /// Each group's geometry (its channel count as `cin`) and first channel.
+    fn iter(&self) -> impl Iterator<Item = (Geometry, usize)> + '_ {
+        (0..self.g.cin).step_by(self.size).map(|c0| {
+            let cin = self.size.min(self.g.cin - c0);
+            (Geometry { cin, ..self.g }, c0)
+        })
+    }
+
+    /// The weights' columns of the group starting at channel `c0`: a (Cout, cin * kh * kw)
+    /// matrix inside the (Cout, Cin * kh * kw) weights.
+    fn weights<'a, T>(&self, w: &'a [T], c0: usize) -> Strided<'a, T> {
+        Strided {
+            data: &w[c0 * self.g.kh * self.g.kw..],
+            rs: self.g.k(),
+            cs: 1,
+        }
+    }
+
+    fn buffer<T: Float>(&self) -> Vec<T> {
+        vec![T::ZERO; self.size * self.g.kh * self.g.kw * self.g.ho * self.g.wo]
+    }
+
+    /// y (Cout, Ho*Wo) = conv(x) for one image (`accumulate`: y += conv(x)).
+    fn forward<T: Float>(&self, x: &[T], w: &[T], y: &mut [T], accumulate: bool) {
+        let (g, plane) = (&self.g, self.g.ho * self.g.wo);
+        let mut col = self.buffer();
+        for (gs, c0) in self.iter() {
+            let col = &mut col[..gs.k() * plane];
+            im2col(&gs, &x[c0 * g.h * g.w..(c0 + gs.cin) * g.h * g.w], col);
+            let yc = StridedMut {
+                data: &mut *y,
+                rs: plane,
+                cs: 1,
+            };
+            let acc = accumulate || c0 > 0;
+            gemm_strided(
+                g.cout,
+                plane,
+                gs.k(),
+                self.weights(w, c0),
+                rows(col, plane),
+                yc,
+                acc,
+            );
+        }
+    }
+
+    /// dx (Cin, H*W) += the input gradient of one image, from dy (Cout, Ho*Wo); with `dw`,
+    /// dw += the weight gradient.
+    fn backward<T: Float>(
+        &self,
+        x: &[T],
+        w: &[T],
+        dy: &[T],
+        dx: &mut [T],
+        mut dw: Option<&mut [T]>,
+    ) {
+        let (g, plane) = (&self.g, self.g.ho * self.g.wo);
+        let mut col = self.buffer();
+        for (gs, c0) in self.iter() {
+            let col = &mut col[..gs.k() * plane];
+            let span = c0 * g.h * g.w..(c0 + gs.cin) * g.h * g.w;
+            let dcol = StridedMut {
+                data: &mut *col,
+                rs: plane,
+                cs: 1,
+            };
+            gemm_strided(
+                gs.k(),
+                plane,
+                g.cout,
+                self.weights(w, c0).t(),
+                rows(dy, plane),
+                dcol,
+                false,
+            );
+            col2im(&gs, col, &mut dx[span.clone()]);
+            if let Some(dw) = dw.as_deref_mut() {
+                im2col(&gs, &x[span], col);
+                let dwg = StridedMut {
+                    data: &mut dw[c0 * g.kh * g.kw..],
+                    rs: g.k(),
+                    cs: 1,
+                };
+                gemm_strided(
+                    g.cout,
+                    gs.k(),
+                    plane,
+                    rows(dy, plane),
+                    rows(col, plane).t(),
+                    dwg,
+                    true,
+                );
+            }
+        }
+    }
+}
+
+/// A contiguous row-major matrix with rows of `cols` elements.
+fn rows<T>(data: &[T], cols: usize) -> Strided<'_, T> {
+    Strided {
+        data,
+        rs: cols,
+        cs: 1,
     }
 }
 
@@ -385,7 +513,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
         let plane = g.ho * g.wo;
         let mut out = vec![T::ZERO; g.batch * g.cout * plane];
         let tiled = Shifted::takes(&g).then(|| (Shifted::new(&g), contiguous_taps(&g, wv)));
-        let mut col = if tiled.is_some() { Vec::new() } else { vec![T::ZERO; g.k() * plane] };
+        let groups = ChannelGroups::new(&g);
         for n in 0..g.batch {
             let xn = &xv[n * g.cin * g.h * g.w..(n + 1) * g.cin * g.h * g.w];
             let yn = &mut out[n * g.cout * plane..(n + 1) * g.cout * plane];
@@ -397,8 +525,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
                 sh.tiled(&g, xn, taps, yn);
                 continue;
             }
-            im2col(&g, xn, &mut col);
-            gemm(g.cout, plane, g.k(), wv, Layout::N, &col, Layout::N, yn, b.is_some());
+            groups.forward(xn, wv, yn, b.is_some());
         }
         Tensor::from_vec(out, &g.out_shape())
     })
@@ -452,11 +579,7 @@ pub fn conv2d_backward(
             .then(|| input_gradient_conv(&g, wv))
             .flatten()
             .map(|(gt, taps)| (Shifted::new(&gt), gt, taps));
-        let mut col = if shifted.is_some() || transposed.is_some() {
-            Vec::new()
-        } else {
-            vec![T::ZERO; g.k() * plane]
-        };
+        let groups = ChannelGroups::new(&g);
         for n in 0..g.batch {
             let dyn_ = &dyv[n * g.cout * plane..(n + 1) * g.cout * plane];
             let dxn = &mut dx[n * img..(n + 1) * img];
@@ -474,11 +597,9 @@ pub fn conv2d_backward(
                 }
                 continue;
             }
-            gemm(g.k(), plane, g.cout, wv, Layout::T, dyn_, Layout::N, &mut col, false);
-            col2im(&g, &col, dxn);
+            let xn = &xv[n * img..(n + 1) * img];
+            groups.backward(xn, wv, dyn_, dxn, weight_grads.then_some(&mut dw[..]));
             if weight_grads {
-                im2col(&g, &xv[n * img..(n + 1) * img], &mut col);
-                gemm(g.cout, g.k(), plane, dyn_, Layout::N, &col, Layout::T, &mut dw, true);
                 for (d, r) in db.iter_mut().zip(dyn_.chunks(plane)) {
                     *d += r.iter().copied().sum::<T>();
                 }
@@ -592,6 +713,47 @@ mod tests {
                     "k {k}: ({n}, {c}, {y}, {xx}): {} vs {want}",
                     got[at]
                 );
+            }
+        }
+    }
+
+    /// im2col one channel at a time (as 32x32 planes with many channels run) against the whole
+    /// im2col at once, forward, input and weight gradients, stride 1 and 2, in f64: the groups
+    /// only split the GEMMs' sums (1e-12).
+    #[test]
+    fn im2col_channel_groups_match_the_whole() {
+        for stride in [1, 2] {
+            let x = Tensor::randn(&[1, 5, 9, 9], DType::F64, 1)
+                .to_vec::<f64>()
+                .unwrap();
+            let w = Tensor::randn(&[4, 5, 3, 3], DType::F64, 2)
+                .to_vec::<f64>()
+                .unwrap();
+            let xt = Tensor::from_vec(x.clone(), &[1, 5, 9, 9]).unwrap();
+            let wt = Tensor::from_vec(w.clone(), &[4, 5, 3, 3]).unwrap();
+            let p = Conv2dParams { stride, padding: 1 };
+            let g = Geometry::new("test", &xt, &wt, p).unwrap();
+            let dy = Tensor::randn(&g.out_shape(), DType::F64, 3)
+                .to_vec::<f64>()
+                .unwrap();
+            let run = |size: usize| {
+                let groups = ChannelGroups { g, size };
+                let mut y = vec![0.0; 4 * g.ho * g.wo];
+                groups.forward(&x, &w, &mut y, false);
+                let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+                groups.backward(&x, &w, &dy, &mut dx, Some(&mut dw));
+                [y, dx, dw]
+            };
+            let (whole, ones, twos) = (run(5), run(1), run(2));
+            for (name, part) in [("one", &ones), ("two", &twos)] {
+                for (k, (a, b)) in whole.iter().zip(part.iter()).enumerate() {
+                    for (u, v) in a.iter().zip(b) {
+                        assert!(
+                            (u - v).abs() <= 1e-12 * u.abs().max(1.0),
+                            "{name} channel(s) a group, output {k}, stride {stride}: {u} vs {v}"
+                        );
+                    }
+                }
             }
         }
     }
