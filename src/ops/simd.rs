@@ -5,7 +5,7 @@
 //! power of two assembled in the exponent bits; relative error about 1e-7 (2 ulp) over the range
 //! where the result is a normal f32 (up to exp(88.37)), 0 below it (so masked logits, -inf, give exactly 0), NaN
 //! for NaN. With AVX2 and FMA (detected at run time, so the crate stays portable) it runs 8
-//! lanes at a time; elsewhere a scalar loop of the same formula.
+//! lanes at a time; elsewhere the softmax is the generic one (libm's expf).
 
 /// Above this the result is infinity (n would reach 128; exp(88.72) = f32::MAX is lost, which no
 /// softmax comes near: its arguments are at most 0).
@@ -26,7 +26,7 @@ const P: [f32; 6] = [
     0.5,
 ];
 
-/// exp(x) by the formula above, one element.
+/// exp(x) by the formula above, one element: the lanes' reference, and the rows' tails.
 fn exp_scalar(x: f32) -> f32 {
     if x.is_nan() {
         return x;
@@ -53,18 +53,7 @@ pub(crate) fn softmax_f32(row: &mut [f32], scale: f32) {
         unsafe { avx2::softmax(row, scale) };
         return;
     }
-    softmax_scalar(row, scale);
-}
-
-fn softmax_scalar(row: &mut [f32], scale: f32) {
-    let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(scale * x));
-    let mut sum = 0.0;
-    for x in row.iter_mut() {
-        *x = exp_scalar(scale * *x - m);
-        sum += *x;
-    }
-    let inv = 1.0 / sum;
-    row.iter_mut().for_each(|x| *x *= inv);
+    super::activation::softmax_row_generic(row, scale);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -120,7 +109,7 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// `softmax_scalar` 8 lanes at a time; the tail (len % 8) in scalar.
+    /// The softmax 8 lanes at a time; the tail (len % 8) through `exp_scalar`.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn softmax(row: &mut [f32], scale: f32) {
         let (body, tail) = row.split_at_mut(row.len() / 8 * 8);
@@ -252,11 +241,11 @@ mod tests {
                 let sum: f64 = e.iter().sum();
                 let mut ours = row.clone();
                 softmax_f32(&mut ours, scale);
-                let mut scalar = row.clone();
-                softmax_scalar(&mut scalar, scale);
+                let mut generic = row.clone();
+                crate::ops::activation::softmax_row_generic(&mut generic, scale);
                 for (i, &want) in e.iter().enumerate() {
                     let want = want / sum;
-                    for (name, got) in [("dispatched", ours[i]), ("scalar", scalar[i])] {
+                    for (name, got) in [("dispatched", ours[i]), ("generic", generic[i])] {
                         assert!(
                             (got as f64 - want).abs() < 1e-6,
                             "{name} len {len} scale {scale} [{i}]: {got} vs {want}"
