@@ -29,6 +29,7 @@ pub mod data;
 pub mod dtype;
 pub mod error;
 pub mod hash;
+pub mod host_memory;
 pub mod image;
 pub mod models;
 pub mod nn;
@@ -46,4 +47,5 @@ pub mod weights;
 
 pub use dtype::{DType, Element, Float};
 pub use error::{Error, Result};
+pub use host_memory::keep_freed_memory;
 pub use tensor::Tensor;

@@ -1,6 +1,7 @@
 """PyTorch CPU baseline for `steer-bench ops`: fp32 GEMM and conv2d throughput at SD2.1 sizes.
 
     python tests/reference/bench_ops.py --threads 2 [--repeats 10] [--warmup 2] [--cases JSON]
+        [--turns]
 
 Prints one JSON object on stdout (diagnostics go to stderr):
     {"torch": "2.15.0+...", "threads": 2, "repeats": 10, "warmup": 2,
@@ -9,7 +10,9 @@ Prints one JSON object on stdout (diagnostics go to stderr):
 `median_s` is the median wall time of one call over `repeats` calls after `warmup` calls;
 `gflops` = gflop / median_s. steer-bench passes its own case list with --cases (the same JSON
 shape as DEFAULT_CASES below) and runs this file from a copy embedded in its binary, so the two
-always time the same shapes.
+always time the same shapes. With --turns (steer-bench passes it) the script prints READY and
+waits for a line on stdin before each call, warm-ups included, and once more before its report,
+so that steer-bench alternates its calls with ours and the two never compute at the same time.
 """
 
 from __future__ import annotations
@@ -42,12 +45,21 @@ def gflop(case: dict) -> float:
     return 2.0 * case["batch"] * case["cout"] * ho * wo * case["cin"] * case["kernel"] ** 2 / 1e9
 
 
+def turn(enabled: bool) -> None:
+    """The pause before each call: with --turns, READY on stdout, then wait for a line."""
+    if enabled:
+        print("READY", flush=True)
+        if not sys.stdin.readline():
+            raise SystemExit("steer-bench closed the turns")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cases", help="JSON list of cases (default: the SD2.1 set)")
+    ap.add_argument("--turns", action="store_true", help="alternate calls with steer-bench")
     args = ap.parse_args()
 
     # Before torch loads its OpenMP runtime.
@@ -76,9 +88,11 @@ def main() -> None:
             else:
                 raise SystemExit(f"unknown case kind {case['kind']!r}")
             for _ in range(args.warmup):
+                turn(args.turns)
                 fn()
             times = []
             for _ in range(args.repeats):
+                turn(args.turns)
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)
@@ -87,6 +101,7 @@ def main() -> None:
                             "median_s": med, "min_s": min(times), "gflops": gflop(case) / med})
             print(f"torch {case['name']}: {med * 1e3:.2f} ms", file=sys.stderr)
 
+    turn(args.turns)  # the last: steer-bench's last call comes before our report
     json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(),
                "repeats": args.repeats, "warmup": args.warmup, "cases": results}, sys.stdout)
     print()

@@ -2,6 +2,11 @@
 
     python tests/reference/bench_unet.py --threads 2 [--repeats 2] [--warmup 1]
         [--cache ~/.cache/steer/bench] [--model DIR] [--timestep 500] [--words '[[2], [5, 6]]']
+        [--turns]
+
+With --turns (steer-bench passes it) the script prints READY and waits for a line on stdin before
+each call it makes (warm-ups included) and once more before its closing work, so that steer-bench
+alternates its calls with ours and the two never compute at the same time.
 
 Two cases, both on the conditional pass alone (no classifier-free guidance):
   forward   `unet(sample, t, encoder_hidden_states=context).sample` under torch.no_grad(), with
@@ -250,6 +255,14 @@ def maps_per_word(unet) -> int:
 # ---------------------------------------------------------------------------------------------
 # timing
 
+def turn(enabled: bool) -> None:
+    """The pause before each call: with --turns, READY on stdout, then wait for a line."""
+    if enabled:
+        print("READY", flush=True)
+        if not sys.stdin.readline():
+            raise SystemExit("steer-bench closed the turns")
+
+
 def summary(times: list[float]) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
@@ -264,6 +277,7 @@ def main() -> None:
     ap.add_argument("--timestep", type=int, default=500)
     ap.add_argument("--words", default="[[2], [5, 6]]", help="JSON list of token index lists")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--turns", action="store_true", help="alternate calls with steer-bench")
     args = ap.parse_args()
     if args.repeats < 1:
         raise SystemExit("--repeats must be at least 1")
@@ -348,11 +362,13 @@ def main() -> None:
     rss0 = rss_gib()
     reset_peak_rss()
     for i in range(args.warmup):
+        turn(args.turns)
         t = time.perf_counter()
         forward()
         log(f"torch forward warm-up {i + 1}/{args.warmup}: {time.perf_counter() - t:.2f} s")
     times, cpu = [], []
     for i in range(args.repeats):
+        turn(args.turns)
         c = time.process_time()
         t = time.perf_counter()
         out = forward()
@@ -371,11 +387,13 @@ def main() -> None:
     rss0 = rss_gib()
     reset_peak_rss()
     for i in range(args.warmup):
+        turn(args.turns)
         t = time.perf_counter()
         capture_backward(*capture_forward())
         log(f"torch capture warm-up {i + 1}/{args.warmup}: {time.perf_counter() - t:.2f} s")
     fwd, bwd, total, cpu = [], [], [], []
     for i in range(args.repeats):
+        turn(args.turns)
         c = time.process_time()
         t = time.perf_counter()
         x, maps = capture_forward()
@@ -399,6 +417,7 @@ def main() -> None:
     results["maps"] = maps.detach().contiguous()
     results["sample_grad"] = grad.contiguous()
 
+    turn(args.turns)  # the closing work below must not overlap ours
     # The capture processor must not change the prediction.
     with torch.no_grad():
         store.clear()

@@ -3,7 +3,8 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::thread::JoinHandle;
 
 use serde_json::Value;
 
@@ -45,13 +46,25 @@ impl Timing {
 pub fn time_calls<T>(
     warmup: usize,
     repeats: usize,
+    f: impl FnMut() -> steer::Result<T>,
+) -> steer::Result<Timing> {
+    time_calls_after(warmup, repeats, || (), f)
+}
+
+/// [`time_calls`] with `before` (untimed) ahead of every call, warm-ups included.
+pub fn time_calls_after<T>(
+    warmup: usize,
+    repeats: usize,
+    mut before: impl FnMut(),
     mut f: impl FnMut() -> steer::Result<T>,
 ) -> steer::Result<Timing> {
     for _ in 0..warmup {
+        before();
         std::hint::black_box(f()?);
     }
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {
+        before();
         let t0 = std::time::Instant::now();
         std::hint::black_box(f()?);
         times.push(t0.elapsed().as_secs_f64());
@@ -139,10 +152,181 @@ pub fn find_python(explicit: Option<PathBuf>) -> (PathBuf, String) {
     (PathBuf::from("python3"), "PATH".into())
 }
 
-/// Run `script` (the text of `tests/reference/<name>`, embedded in this binary) with the Python
-/// that `find_python` picks, fed on stdin, with `args` and the thread count in the environment.
-/// Its stderr (progress) is passed through as it comes; its report is the last stdout line that
-/// is a JSON object. An error says why there is no report (no Python, no torch, a failure).
+/// A PyTorch script (the text of `tests/reference/<name>`, embedded in this binary) running in
+/// its own process, with the Python that `find_python` picks, `args`, and the thread count in the
+/// environment. Its stderr (progress) is passed through as it comes; its report is the last
+/// stdout line that is a JSON object.
+///
+/// Started with turns (the script gets `--turns`), the script stops before each call it times,
+/// prints `READY` and waits for a `go` line, so that its calls and ours alternate one by one: the
+/// speed of this project's shared machines drifts by tens of percent over minutes, and timing
+/// one side after the other put all of that drift on one side. Only one side computes at a time.
+pub struct PythonSide {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    stdout: BufReader<ChildStdout>,
+    stderr: Option<JoinHandle<Vec<String>>>,
+    /// Stdout lines that were not `READY` (the report among them).
+    lines: Vec<String>,
+    python: PathBuf,
+    how: String,
+    name: String,
+}
+
+impl PythonSide {
+    /// Start the script; with `turns`, return once it is waiting at its first turn. An error says
+    /// why there is no baseline (no Python, no torch, a failure).
+    pub fn start(
+        explicit: Option<PathBuf>,
+        name: &str,
+        script: &str,
+        args: &[String],
+        threads: usize,
+        turns: bool,
+    ) -> Result<PythonSide, String> {
+        let (python, how) = find_python(explicit);
+        eprintln!(
+            "running the PyTorch baseline ({name}) with {} (from {how}){} ...",
+            python.display(),
+            if turns { ", in turns with ours" } else { "" }
+        );
+        // `-c`: stdin stays free for the turns.
+        let mut child = Command::new(&python)
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .args(turns.then_some("--turns"))
+            .env("OMP_NUM_THREADS", threads.to_string())
+            .env("MKL_NUM_THREADS", threads.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {} (from {how}): {e}", python.display()))?;
+        // Pass stderr through line by line, keeping it to explain a failure.
+        let stderr = child.stderr.take().map(|s| {
+            std::thread::spawn(move || {
+                let mut kept = Vec::new();
+                for line in BufReader::new(s).lines().map_while(Result::ok) {
+                    eprintln!("  {line}");
+                    kept.push(line);
+                }
+                kept
+            })
+        });
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut side = PythonSide {
+            stdin: child.stdin.take(),
+            child,
+            stdout,
+            stderr,
+            lines: Vec::new(),
+            python,
+            how,
+            name: name.to_string(),
+        };
+        if turns && !side.wait_ready() {
+            return Err(side.failure());
+        }
+        Ok(side)
+    }
+
+    /// Read stdout up to the next `READY` (true) or its end (false).
+    fn wait_ready(&mut self) -> bool {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match self.stdout.read_line(&mut line) {
+                Ok(0) | Err(_) => return false,
+                Ok(_) if line.trim_end() == "READY" => return true,
+                Ok(_) => self.lines.push(line.trim_end().to_string()),
+            }
+        }
+    }
+
+    /// Let the script make its next call, and wait until it has and is waiting again.
+    pub fn turn(&mut self) -> Result<(), String> {
+        let sent = self
+            .stdin
+            .as_mut()
+            .is_some_and(|s| s.write_all(b"go\n").and_then(|()| s.flush()).is_ok());
+        if sent && self.wait_ready() {
+            Ok(())
+        } else {
+            Err(self.failure())
+        }
+    }
+
+    /// Release the script from its last turn (if it has turns) and wait for its report.
+    pub fn finish(mut self) -> Result<Value, String> {
+        if let Some(mut s) = self.stdin.take() {
+            // A script without turns never reads it; one that has exited cannot.
+            let _ = s.write_all(b"go\n");
+        }
+        if self.wait_ready() {
+            return Err(format!("{}: asked for more turns than ours", self.name));
+        }
+        let status = self.child.wait();
+        if !status.as_ref().is_ok_and(|s| s.success()) {
+            return Err(self.failure());
+        }
+        let name = &self.name;
+        let line = self
+            .lines
+            .iter()
+            .rev()
+            .find(|l| l.trim_start().starts_with('{'))
+            .map_or("", String::as_str);
+        serde_json::from_str(line).map_err(|e| {
+            format!(
+                "unreadable report from {name} ({e}): {}",
+                self.lines.join("\n")
+            )
+        })
+    }
+
+    /// Why the script stopped: a missing module, or its exit status and last words.
+    fn failure(&mut self) -> String {
+        self.stdin = None;
+        let status = self
+            .child
+            .wait()
+            .map_or_else(|e| e.to_string(), |s| s.to_string());
+        let stderr: Vec<String> = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        let (python, how) = (self.python.display(), &self.how);
+        let all = stderr.join("\n");
+        for module in ["torch", "diffusers", "safetensors"] {
+            if all.contains(&format!("No module named '{module}'")) {
+                return format!(
+                    "{python} (from {how}) has no {module}; tests/reference/setup_venv.sh makes a \
+                     venv with it (then set STEER_REF_VENV or pass --python)"
+                );
+            }
+        }
+        let tail: Vec<&str> = stderr.iter().rev().take(3).map(String::as_str).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        format!(
+            "{python} (from {how}) stopped ({status}): {}",
+            tail.join(" | ")
+        )
+    }
+}
+
+/// Let the PyTorch side (started with turns) make its next call; if it fails, the baseline is
+/// dropped with the reason and ours goes on alone.
+pub fn torch_turn(torch: &mut Result<PythonSide, String>) {
+    if let Ok(side) = torch {
+        if let Err(why) = side.turn() {
+            *torch = Err(why);
+        }
+    }
+}
+
+/// Run a script without turns to its end: [`PythonSide::start`] then [`PythonSide::finish`].
 pub fn run_python_script(
     explicit: Option<PathBuf>,
     name: &str,
@@ -150,66 +334,54 @@ pub fn run_python_script(
     args: &[String],
     threads: usize,
 ) -> Result<Value, String> {
-    let (python, how) = find_python(explicit);
-    eprintln!(
-        "running the PyTorch baseline ({name}) with {} (from {how}) ...",
-        python.display()
-    );
-    let mut child = Command::new(&python)
-        .arg("-")
-        .args(args)
-        .env("OMP_NUM_THREADS", threads.to_string())
-        .env("MKL_NUM_THREADS", threads.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {} (from {how}): {e}", python.display()))?;
-    // Pass stderr through line by line, keeping it to explain a failure.
-    let stderr = child.stderr.take().map(|s| {
-        std::thread::spawn(move || {
-            let mut kept = Vec::new();
-            for line in BufReader::new(s).lines().map_while(Result::ok) {
-                eprintln!("  {line}");
-                kept.push(line);
-            }
-            kept
-        })
-    });
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| format!("writing the script to Python: {e}"))?;
+    PythonSide::start(explicit, name, script, args, threads, false)?.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for a bench script: `calls` turns, then its report.
+    fn script(calls: usize) -> String {
+        format!(
+            "import sys\nassert sys.argv[-1] == '--turns'\nfor i in range({calls} + 1):\n    \
+             print('READY', flush=True)\n    if not sys.stdin.readline():\n        \
+             sys.exit('closed')\n    print(f'call {{i}}', file=sys.stderr)\nprint('{{\"calls\": {calls}}}')\n"
+        )
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("waiting for {}: {e}", python.display()))?;
-    let stderr: Vec<String> = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
-    if !out.status.success() {
-        let all = stderr.join("\n");
-        for module in ["torch", "diffusers", "safetensors"] {
-            if all.contains(&format!("No module named '{module}'")) {
-                return Err(format!(
-                    "{} (from {how}) has no {module}; tests/reference/setup_venv.sh makes a venv \
-                     with it (then set STEER_REF_VENV or pass --python)",
-                    python.display()
-                ));
-            }
+
+    fn start(text: &str) -> Result<PythonSide, String> {
+        PythonSide::start(Some("python3".into()), "test", text, &[], 1, true)
+    }
+
+    #[test]
+    fn turns_alternate_and_the_report_comes_last() {
+        let mut side = start(&script(3)).expect("python3 runs the script");
+        for _ in 0..3 {
+            side.turn().expect("a turn");
         }
-        let tail: Vec<&str> = stderr.iter().rev().take(3).map(String::as_str).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        return Err(format!(
-            "{} (from {how}) failed ({}): {}",
-            python.display(),
-            out.status,
-            tail.join(" | ")
-        ));
+        let report = side.finish().expect("the report");
+        assert_eq!(report["calls"], 3);
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .rev()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or("");
-    serde_json::from_str(line).map_err(|e| format!("unreadable report from {name} ({e}): {stdout}"))
+
+    #[test]
+    fn a_script_that_stops_early_is_an_error_naming_its_last_words() {
+        let mut side = start(&script(1)).expect("python3 runs the script");
+        side.turn().expect("the one call");
+        // Its closing turn: after it the script reports and exits, so a further turn fails.
+        let err = side.turn().expect_err("no third turn");
+        assert!(err.contains("stopped"), "{err}");
+        let err = start("import sys\nsys.exit('no torch here')")
+            .err()
+            .expect("no first turn");
+        assert!(err.contains("no torch here"), "{err}");
+    }
+
+    #[test]
+    fn a_script_that_wants_more_turns_than_ours_is_an_error() {
+        let mut side = start(&script(2)).expect("python3 runs the script");
+        side.turn().expect("a turn");
+        let err = side.finish().expect_err("one turn short");
+        assert!(err.contains("more turns"), "{err}");
+    }
 }

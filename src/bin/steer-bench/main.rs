@@ -6,9 +6,10 @@
 //! - `steer-bench attention`: the fused attention kernel on a GPU, against PyTorch on the same GPU
 //!   (attention.rs).
 //!
-//! Each runs its PyTorch side with an embedded script from tests/reference/ (fed to Python on
-//! stdin, so the binary works from any directory) and prints both with the ratio of our time to
-//! torch's. The Python interpreter, first found wins:
+//! Each runs its PyTorch side with an embedded script from tests/reference/ (so the binary works
+//! from any directory) and prints both with the ratio of our time to torch's; the CPU benchmarks
+//! alternate the two sides' calls (common::PythonSide). Ours runs with freed memory kept in the
+//! process (`steer::keep_freed_memory`), as the `steer` binary does. The Python interpreter, first found wins:
 //!   1. `--python PATH`;
 //!   2. `$STEER_REF_VENV/bin/python` when STEER_REF_VENV is set;
 //!   3. `$HOME/.cache/steer/ref-venv/bin/python` when it exists (tests/reference/setup_venv.sh's
@@ -50,6 +51,7 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
+    steer::keep_freed_memory();
     let result = match cli.cmd {
         Cmd::Ops(args) => ops::run(args),
         Cmd::Unet(args) => unet::run(args),

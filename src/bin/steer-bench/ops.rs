@@ -1,7 +1,8 @@
 //! `steer-bench ops` times the CPU backend's fp32 GEMM (`ops::matmul`) and 3x3 convolution
-//! (`ops::conv2d`) at SD2.1 UNet sizes, then runs PyTorch on the same shapes with the same thread
-//! count (tests/reference/bench_ops.py, embedded in this binary and fed to Python on stdin), and
-//! prints both with the ratio of our time to torch's.
+//! (`ops::conv2d`) at SD2.1 UNet sizes next to PyTorch on the same shapes with the same thread
+//! count (tests/reference/bench_ops.py, embedded in this binary), and prints both with the ratio
+//! of our time to torch's. The two sides take turns call by call, so a drift in the machine's
+//! speed falls on both alike.
 //!
 //! The Python interpreter: see `common::find_python`. Without a Python that imports torch (or
 //! with `--no-torch`) it prints our figures alone and says why the baseline is missing.
@@ -13,7 +14,7 @@ use serde_json::{json, Value};
 use steer::ops::{self, Conv2dParams};
 use steer::{DType, Tensor};
 
-use crate::common::{init_threads, load_average, run_python_script, time_calls, Timing};
+use crate::common::{init_threads, load_average, time_calls_after, torch_turn, PythonSide, Timing};
 
 /// The PyTorch side, embedded so the binary works from any directory.
 const BENCH_OPS_PY: &str = include_str!("../../../tests/reference/bench_ops.py");
@@ -157,12 +158,19 @@ impl Case {
     }
 }
 
-fn time_ours(case: &Case, warmup: usize, repeats: usize) -> steer::Result<Timing> {
+/// Our calls of one case, each after one of torch's.
+fn time_ours(
+    case: &Case,
+    warmup: usize,
+    repeats: usize,
+    torch: &mut Result<PythonSide, String>,
+) -> steer::Result<Timing> {
+    let before = || torch_turn(torch);
     match case.kind {
         Kind::Gemm { m, k, n } => {
             let a = Tensor::randn(&[m, k], DType::F32, 1);
             let b = Tensor::randn(&[k, n], DType::F32, 2);
-            time_calls(warmup, repeats, || ops::matmul(&a, &b))
+            time_calls_after(warmup, repeats, before, || ops::matmul(&a, &b))
         }
         Kind::Conv {
             batch,
@@ -178,13 +186,15 @@ fn time_ours(case: &Case, warmup: usize, repeats: usize) -> steer::Result<Timing
             let wt = Tensor::randn(&[cout, cin, kernel, kernel], DType::F32, 2);
             let b = Tensor::randn(&[cout], DType::F32, 3);
             let p = Conv2dParams { stride, padding };
-            time_calls(warmup, repeats, || ops::conv2d(&x, &wt, Some(&b), p))
+            time_calls_after(warmup, repeats, before, || {
+                ops::conv2d(&x, &wt, Some(&b), p)
+            })
         }
     }
 }
 
-/// PyTorch's report (bench_ops.py's JSON), or why there is none.
-fn run_torch(args: &OpsArgs, threads: usize) -> Result<Value, String> {
+/// PyTorch's side (bench_ops.py), started in turns, or why there is none.
+fn start_torch(args: &OpsArgs, threads: usize) -> Result<PythonSide, String> {
     let cases = Value::Array(CASES.iter().map(Case::to_json).collect());
     let script_args = [
         "--threads".to_string(),
@@ -196,12 +206,13 @@ fn run_torch(args: &OpsArgs, threads: usize) -> Result<Value, String> {
         "--cases".into(),
         cases.to_string(),
     ];
-    run_python_script(
+    PythonSide::start(
         args.python.clone(),
         "bench_ops.py",
         BENCH_OPS_PY,
         &script_args,
         threads,
+        true,
     )
 }
 
@@ -212,19 +223,19 @@ pub fn run(args: OpsArgs) -> Result<(), String> {
     let threads = init_threads(args.threads)?;
 
     let load_before = load_average();
+    let mut torch = if args.no_torch {
+        Err("--no-torch".to_string())
+    } else {
+        start_torch(&args, threads)
+    };
     let mut ours = Vec::new();
     for case in CASES {
-        let t = time_ours(case, args.warmup, args.repeats)
+        let t = time_ours(case, args.warmup, args.repeats, &mut torch)
             .map_err(|e| format!("{}: {e}", case.name))?;
         eprintln!("ours  {}: {:.2} ms", case.name, t.median_s * 1e3);
         ours.push(t);
     }
-
-    let torch = if args.no_torch {
-        Err("--no-torch".to_string())
-    } else {
-        run_torch(&args, threads)
-    };
+    let torch = torch.and_then(PythonSide::finish);
     let torch_case = |name: &str| -> Option<Timing> {
         let cases = torch.as_ref().ok()?.get("cases")?.as_array()?;
         let c = cases
@@ -243,7 +254,10 @@ pub fn run(args: OpsArgs) -> Result<(), String> {
         Ok(report) => {
             let version = report.get("torch").and_then(Value::as_str).unwrap_or("?");
             let tthreads = report.get("threads").and_then(Value::as_u64).unwrap_or(0);
-            println!("baseline: PyTorch {version} on CPU, {tthreads} thread(s)");
+            println!(
+                "baseline: PyTorch {version} on CPU, {tthreads} thread(s); its calls and ours \
+                 alternate"
+            );
             if tthreads as usize != threads {
                 println!("warning: torch ran with {tthreads} threads, ours with {threads}");
             }

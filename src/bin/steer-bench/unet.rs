@@ -8,11 +8,13 @@
 //!   torch: the same forward with a probability-materialising processor on attn2 (SDPA on attn1),
 //!   the same maps, and autograd to the sample.
 //!
-//! The PyTorch side (tests/reference/bench_unet.py, embedded, run first as a subprocess so the
-//! two never hold a model at the same time) builds the random-weight model once and saves it with
-//! `save_pretrained` in the cache folder, and writes the inputs (sample, context, cotangent) and
-//! its outputs there; we load that model and those inputs, time the same cases, and report the
-//! relative error of our output, maps and latent gradient against torch's. Peak memory is each
+//! The PyTorch side (tests/reference/bench_unet.py, embedded, in a process of its own) builds the
+//! random-weight model once and saves it with `save_pretrained` in the cache folder, and writes
+//! the inputs (sample, context, cotangent) and its outputs there; we load that model and those
+//! inputs and time the same cases. The two sides take turns call by call (torch's call, then
+//! ours, warm-ups included), so a drift in the machine's speed falls on both alike and only one
+//! side computes at a time. We report the relative error of our output, maps and latent gradient
+//! against torch's. Peak memory is each
 //! side's resident high-water mark over one case's calls (reset before the case, so the weights
 //! count and model loading does not).
 
@@ -27,8 +29,8 @@ use steer::steering::unet_maps::unet_with_maps;
 use steer::{DType, Tensor};
 
 use crate::common::{
-    cpu_seconds, init_threads, load_average, peak_rss_gib, reset_peak_rss, rss_gib,
-    run_python_script, Timing,
+    cpu_seconds, init_threads, load_average, peak_rss_gib, reset_peak_rss, rss_gib, torch_turn,
+    PythonSide, Timing,
 };
 
 /// The PyTorch side, embedded so the binary works from any directory.
@@ -181,24 +183,27 @@ fn read_inputs(path: &Path, unet: &UNet2DConditionModel) -> Result<Inputs, Strin
     }
 }
 
-/// `f` called `warmup` then `repeats` times; each call returns its (forward, backward) seconds
-/// (backward 0 for a forward alone; `split`: report the two halves). Returns the timings and the
-/// case's peak memory.
+/// `f` called `warmup` then `repeats` times, each call after one of torch's; each returns its
+/// (forward, backward) seconds (backward 0 for a forward alone; `split`: report the two halves).
+/// Returns the timings and the case's peak memory.
 fn time_case(
     label: &str,
     split: bool,
     warmup: usize,
     repeats: usize,
+    torch: &mut Result<PythonSide, String>,
     mut f: impl FnMut() -> Result<(f64, f64), String>,
 ) -> Result<Measured, String> {
     let rss_before_gib = rss_gib();
     reset_peak_rss();
     for i in 0..warmup {
+        torch_turn(torch);
         let (a, b) = f()?;
         eprintln!("ours  {label} warm-up {}/{warmup}: {:.2} s", i + 1, a + b);
     }
     let (mut fwd, mut bwd, mut total, mut cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..repeats {
+        torch_turn(torch);
         let c0 = cpu_seconds();
         let (a, b) = f()?;
         if let (Some(c0), Some(c1)) = (c0, cpu_seconds()) {
@@ -247,8 +252,9 @@ pub fn run(args: UnetArgs) -> Result<(), String> {
     let model_dir = args.model.clone().unwrap_or_else(|| cache.join(RANDOM_DIR));
     let load_before = load_average();
 
-    // ---- PyTorch first (it writes the model on the first run), in its own process.
-    let torch = if args.no_torch {
+    // ---- PyTorch, in its own process: it writes the model on the first run, then waits for its
+    // first turn.
+    let mut torch = if args.no_torch {
         Err("--no-torch".to_string())
     } else {
         let mut script_args = vec![
@@ -268,27 +274,18 @@ pub fn run(args: UnetArgs) -> Result<(), String> {
         if let Some(m) = &args.model {
             script_args.extend(["--model".to_string(), m.display().to_string()]);
         }
-        run_python_script(
+        PythonSide::start(
             args.python.clone(),
             "bench_unet.py",
             BENCH_UNET_PY,
             &script_args,
             threads,
+            true,
         )
     };
     if let Err(why) = &torch {
         eprintln!("no PyTorch baseline: {why}");
     }
-    let torch_case = |name: &str| {
-        torch
-            .as_ref()
-            .ok()
-            .and_then(|r| r.get("cases")?.as_array())
-            .and_then(|cs| {
-                cs.iter()
-                    .find(|c| c.get("name").and_then(Value::as_str) == Some(name))
-            })
-    };
 
     // ---- ours
     if !model_dir.join("config.json").exists() {
@@ -316,39 +313,67 @@ pub fn run(args: UnetArgs) -> Result<(), String> {
     let (sample, context) = (&inputs.sample, &inputs.context);
 
     let mut out = None;
-    let forward = time_case("forward", false, args.warmup, args.repeats, || {
-        out = None; // the previous result does not stay alive through the next call
-        let t0 = Instant::now();
-        let o = steer_err(unet.forward(sample, t, context, None, false), "forward")?.out;
-        let s = t0.elapsed().as_secs_f64();
-        out = Some(o);
-        Ok((s, 0.0))
-    })?;
+    let forward = time_case(
+        "forward",
+        false,
+        args.warmup,
+        args.repeats,
+        &mut torch,
+        || {
+            out = None; // the previous result does not stay alive through the next call
+            let t0 = Instant::now();
+            let o = steer_err(unet.forward(sample, t, context, None, false), "forward")?.out;
+            let s = t0.elapsed().as_secs_f64();
+            out = Some(o);
+            Ok((s, 0.0))
+        },
+    )?;
 
     let mut cot: Option<Tensor> = None;
     let mut maps_grad: Option<(Tensor, Tensor)> = None;
-    let capture = time_case("forward+backward", true, args.warmup, args.repeats, || {
-        maps_grad = None;
-        let t0 = Instant::now();
-        let o = steer_err(
-            unet_with_maps(&unet, sample, t, context, &words, true),
-            "forward with capture",
-        )?;
-        let t1 = Instant::now();
-        if cot.is_none() {
-            let c = match &inputs.cotangent {
-                Some(c) if c.numel() == o.maps.numel() => c.reshape(o.maps.shape()),
-                _ => Ok(Tensor::randn(o.maps.shape(), DType::F32, 3)),
-            };
-            cot = Some(steer_err(c, "cotangent")?);
-        }
-        let dmaps = cot.as_ref().expect("set above");
-        let g = steer_err(o.sample_grad(&unet, dmaps), "backward to the sample")?;
-        let t2 = Instant::now();
-        maps_grad = Some((o.maps.clone(), g));
-        Ok(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64()))
-    })?;
+    let capture = time_case(
+        "forward+backward",
+        true,
+        args.warmup,
+        args.repeats,
+        &mut torch,
+        || {
+            maps_grad = None;
+            let t0 = Instant::now();
+            let o = steer_err(
+                unet_with_maps(&unet, sample, t, context, &words, true),
+                "forward with capture",
+            )?;
+            let t1 = Instant::now();
+            if cot.is_none() {
+                let c = match &inputs.cotangent {
+                    Some(c) if c.numel() == o.maps.numel() => c.reshape(o.maps.shape()),
+                    _ => Ok(Tensor::randn(o.maps.shape(), DType::F32, 3)),
+                };
+                cot = Some(steer_err(c, "cotangent")?);
+            }
+            let dmaps = cot.as_ref().expect("set above");
+            let g = steer_err(o.sample_grad(&unet, dmaps), "backward to the sample")?;
+            let t2 = Instant::now();
+            maps_grad = Some((o.maps.clone(), g));
+            Ok(((t1 - t0).as_secs_f64(), (t2 - t1).as_secs_f64()))
+        },
+    )?;
     let load_after = load_average();
+    let torch = torch.and_then(PythonSide::finish);
+    if let Err(why) = &torch {
+        eprintln!("no PyTorch baseline: {why}");
+    }
+    let torch_case = |name: &str| {
+        torch
+            .as_ref()
+            .ok()
+            .and_then(|r| r.get("cases")?.as_array())
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.get("name").and_then(Value::as_str) == Some(name))
+            })
+    };
 
     // ---- agreement with torch on the same inputs
     let mut errors: Vec<(&str, Result<f64, String>)> = Vec::new();
@@ -406,7 +431,8 @@ pub fn run(args: UnetArgs) -> Result<(), String> {
             let s = |k: &str| report.get(k).and_then(Value::as_str).unwrap_or("?");
             let tthreads = report.get("threads").and_then(Value::as_u64).unwrap_or(0);
             println!(
-                "baseline: PyTorch {} + diffusers {} on CPU, {tthreads} thread(s)",
+                "baseline: PyTorch {} + diffusers {} on CPU, {tthreads} thread(s); its calls and \
+                 ours alternate",
                 s("torch"),
                 s("diffusers")
             );

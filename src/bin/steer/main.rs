@@ -48,6 +48,8 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    // Denoising runs many UNet passes: reuse their freed activations without page faults.
+    steer::keep_freed_memory();
     let result = match cli.command {
         Command::Classify(args) => classify::run(&args),
         Command::Collect(args) => collect::run(&args),
