@@ -1,6 +1,6 @@
 //! `steer-bench attention` times the fused attention kernel (kernels/attention.cu) on a GPU at
 //! SD2.1 and FLUX sizes, with map capture where steering uses it, then runs PyTorch on the same
-//! GPU and shapes (tests/reference/bench_attention.py, embedded and fed to Python on stdin) and
+//! GPU and shapes (tests/reference/bench_attention.py, embedded in the binary) and
 //! prints our time over each of torch's: SDPA (flash attention, no maps) and the explicit
 //! softmax the Learn-to-Steer reference uses to capture maps.
 //!
