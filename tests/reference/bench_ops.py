@@ -11,8 +11,9 @@ Prints one JSON object on stdout (diagnostics go to stderr):
 `gflops` = gflop / median_s. steer-bench passes its own case list with --cases (the same JSON
 shape as DEFAULT_CASES below) and runs this file from a copy embedded in its binary, so the two
 always time the same shapes. With --turns (steer-bench passes it) the script prints READY and
-waits for a line on stdin before each call, warm-ups included, and once more before its report,
-so that steer-bench alternates its calls with ours and the two never compute at the same time.
+waits for a line on stdin before each case (its warm-ups and timed calls back to back) and once
+more before its report, so that steer-bench alternates the two sides case by case and they never
+compute at the same time.
 """
 
 from __future__ import annotations
@@ -87,12 +88,11 @@ def main() -> None:
                     x, w, bias, stride=c["stride"], padding=c["padding"])
             else:
                 raise SystemExit(f"unknown case kind {case['kind']!r}")
+            turn(args.turns)
             for _ in range(args.warmup):
-                turn(args.turns)
                 fn()
             times = []
             for _ in range(args.repeats):
-                turn(args.turns)
                 t0 = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t0)

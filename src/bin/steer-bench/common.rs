@@ -46,25 +46,13 @@ impl Timing {
 pub fn time_calls<T>(
     warmup: usize,
     repeats: usize,
-    f: impl FnMut() -> steer::Result<T>,
-) -> steer::Result<Timing> {
-    time_calls_after(warmup, repeats, || (), f)
-}
-
-/// [`time_calls`] with `before` (untimed) ahead of every call, warm-ups included.
-pub fn time_calls_after<T>(
-    warmup: usize,
-    repeats: usize,
-    mut before: impl FnMut(),
     mut f: impl FnMut() -> steer::Result<T>,
 ) -> steer::Result<Timing> {
     for _ in 0..warmup {
-        before();
         std::hint::black_box(f()?);
     }
     let mut times = Vec::with_capacity(repeats);
     for _ in 0..repeats {
-        before();
         let t0 = std::time::Instant::now();
         std::hint::black_box(f()?);
         times.push(t0.elapsed().as_secs_f64());
@@ -152,13 +140,16 @@ pub fn find_python(explicit: Option<PathBuf>) -> (PathBuf, String) {
     (PathBuf::from("python3"), "PATH".into())
 }
 
+/// The pause around each of the PyTorch side's turns.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A PyTorch script (the text of `tests/reference/<name>`, embedded in this binary) running in
 /// its own process, with the Python that `find_python` picks, `args`, and the thread count in the
 /// environment. Its stderr (progress) is passed through as it comes; its report is the last
 /// stdout line that is a JSON object.
 ///
-/// Started with turns (the script gets `--turns`), the script stops before each call it times,
-/// prints `READY` and waits for a `go` line, so that its calls and ours alternate one by one: the
+/// Started with turns (the script gets `--turns`), the script stops before each call or case it
+/// times, prints `READY` and waits for a `go` line, so that its work and ours alternate: the
 /// speed of this project's shared machines drifts by tens of percent over minutes, and timing
 /// one side after the other put all of that drift on one side. Only one side computes at a time.
 pub struct PythonSide {
@@ -244,13 +235,18 @@ impl PythonSide {
         }
     }
 
-    /// Let the script make its next call, and wait until it has and is waiting again.
+    /// Let the script make its next call, and wait until it has and is waiting again. A pause
+    /// before and after lets the finished side's idle threads stop spinning (GNU OpenMP's spin
+    /// ahead of sleeping lasts milliseconds and took one of two cores from a 9 ms GEMM of ours:
+    /// 1.7x torch's time alternating, 1.0x alone).
     pub fn turn(&mut self) -> Result<(), String> {
+        std::thread::sleep(SETTLE);
         let sent = self
             .stdin
             .as_mut()
             .is_some_and(|s| s.write_all(b"go\n").and_then(|()| s.flush()).is_ok());
         if sent && self.wait_ready() {
+            std::thread::sleep(SETTLE);
             Ok(())
         } else {
             Err(self.failure())

@@ -1,8 +1,11 @@
 //! `steer-bench ops` times the CPU backend's fp32 GEMM (`ops::matmul`) and 3x3 convolution
 //! (`ops::conv2d`) at SD2.1 UNet sizes next to PyTorch on the same shapes with the same thread
 //! count (tests/reference/bench_ops.py, embedded in this binary), and prints both with the ratio
-//! of our time to torch's. The two sides take turns call by call, so a drift in the machine's
-//! speed falls on both alike.
+//! of our time to torch's. The two sides take turns case by case (torch's calls of a case, then
+//! ours), so a drift in the machine's speed falls on both alike while each side's calls run back
+//! to back, as in a model. (Alternating single calls of 10 ms put a cold start, threads waking
+//! and caches refilling, into every call of both sides: 4096x320x320 took 14 ms a call that
+//! way, 9 ms back to back.)
 //!
 //! The Python interpreter: see `common::find_python`. Without a Python that imports torch (or
 //! with `--no-torch`) it prints our figures alone and says why the baseline is missing.
@@ -14,7 +17,7 @@ use serde_json::{json, Value};
 use steer::ops::{self, Conv2dParams};
 use steer::{DType, Tensor};
 
-use crate::common::{init_threads, load_average, time_calls_after, torch_turn, PythonSide, Timing};
+use crate::common::{init_threads, load_average, time_calls, torch_turn, PythonSide, Timing};
 
 /// The PyTorch side, embedded so the binary works from any directory.
 const BENCH_OPS_PY: &str = include_str!("../../../tests/reference/bench_ops.py");
@@ -158,19 +161,13 @@ impl Case {
     }
 }
 
-/// Our calls of one case, each after one of torch's.
-fn time_ours(
-    case: &Case,
-    warmup: usize,
-    repeats: usize,
-    torch: &mut Result<PythonSide, String>,
-) -> steer::Result<Timing> {
-    let before = || torch_turn(torch);
+/// Our calls of one case.
+fn time_ours(case: &Case, warmup: usize, repeats: usize) -> steer::Result<Timing> {
     match case.kind {
         Kind::Gemm { m, k, n } => {
             let a = Tensor::randn(&[m, k], DType::F32, 1);
             let b = Tensor::randn(&[k, n], DType::F32, 2);
-            time_calls_after(warmup, repeats, before, || ops::matmul(&a, &b))
+            time_calls(warmup, repeats, || ops::matmul(&a, &b))
         }
         Kind::Conv {
             batch,
@@ -186,9 +183,7 @@ fn time_ours(
             let wt = Tensor::randn(&[cout, cin, kernel, kernel], DType::F32, 2);
             let b = Tensor::randn(&[cout], DType::F32, 3);
             let p = Conv2dParams { stride, padding };
-            time_calls_after(warmup, repeats, before, || {
-                ops::conv2d(&x, &wt, Some(&b), p)
-            })
+            time_calls(warmup, repeats, || ops::conv2d(&x, &wt, Some(&b), p))
         }
     }
 }
@@ -230,7 +225,8 @@ pub fn run(args: OpsArgs) -> Result<(), String> {
     };
     let mut ours = Vec::new();
     for case in CASES {
-        let t = time_ours(case, args.warmup, args.repeats, &mut torch)
+        torch_turn(&mut torch);
+        let t = time_ours(case, args.warmup, args.repeats)
             .map_err(|e| format!("{}: {e}", case.name))?;
         eprintln!("ours  {}: {:.2} ms", case.name, t.median_s * 1e3);
         ours.push(t);
