@@ -1,19 +1,20 @@
 """PyTorch CPU baseline for `steer-bench ops`: fp32 GEMM and conv2d throughput at SD2.1 sizes.
 
     python tests/reference/bench_ops.py --threads 2 [--repeats 10] [--warmup 2] [--cases JSON]
-        [--turns]
+        [--rounds 1] [--turns]
 
 Prints one JSON object on stdout (diagnostics go to stderr):
     {"torch": "2.15.0+...", "threads": 2, "repeats": 10, "warmup": 2,
      "cases": [{"name": ..., "kind": "gemm"|"conv2d", "gflop": ..., "median_s": ...,
                 "min_s": ..., "gflops": ...}, ...]}
-`median_s` is the median wall time of one call over `repeats` calls after `warmup` calls;
+`median_s` is the median wall time of one call over `repeats` calls, in `rounds` rounds: the
+first after `warmup` untimed calls, each later one after one;
 `gflops` = gflop / median_s. steer-bench passes its own case list with --cases (the same JSON
 shape as DEFAULT_CASES below) and runs this file from a copy embedded in its binary, so the two
 always time the same shapes. With --turns (steer-bench passes it) the script prints READY and
-waits for a line on stdin before each case (its warm-ups and timed calls back to back) and once
-more before its report, so that steer-bench alternates the two sides case by case and they never
-compute at the same time.
+waits for a line on stdin before each round (its warm-up and timed calls back to back) and once
+more before its report, so that steer-bench alternates the two sides round by round and they
+never compute at the same time.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def gflop(case: dict) -> float:
     return 2.0 * case["batch"] * case["cout"] * ho * wo * case["cin"] * case["kernel"] ** 2 / 1e9
 
 
+def round_sizes(repeats: int, rounds: int) -> list[int]:
+    """Timed calls per round: `repeats` shared out over `rounds`, the first rounds one more."""
+    rounds = max(1, min(rounds, repeats))
+    return [repeats // rounds + (r < repeats % rounds) for r in range(rounds)]
+
+
 def turn(enabled: bool) -> None:
     """The pause before each call: with --turns, READY on stdout, then wait for a line."""
     if enabled:
@@ -60,7 +67,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cases", help="JSON list of cases (default: the SD2.1 set)")
-    ap.add_argument("--turns", action="store_true", help="alternate calls with steer-bench")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="split each case's timed calls into this many rounds")
+    ap.add_argument("--turns", action="store_true", help="alternate rounds with steer-bench")
     args = ap.parse_args()
 
     # Before torch loads its OpenMP runtime.
@@ -88,14 +97,15 @@ def main() -> None:
                     x, w, bias, stride=c["stride"], padding=c["padding"])
             else:
                 raise SystemExit(f"unknown case kind {case['kind']!r}")
-            turn(args.turns)
-            for _ in range(args.warmup):
-                fn()
             times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
+            for r, calls in enumerate(round_sizes(args.repeats, args.rounds)):
+                turn(args.turns)
+                for _ in range(args.warmup if r == 0 else min(args.warmup, 1)):
+                    fn()
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    fn()
+                    times.append(time.perf_counter() - t0)
             med = statistics.median(times)
             results.append({"name": case["name"], "kind": case["kind"], "gflop": gflop(case),
                             "median_s": med, "min_s": min(times), "gflops": gflop(case) / med})

@@ -1,23 +1,26 @@
 //! `steer-bench ops` times the CPU backend's fp32 GEMM (`ops::matmul`) and 3x3 convolution
 //! (`ops::conv2d`) at SD2.1 UNet sizes next to PyTorch on the same shapes with the same thread
 //! count (tests/reference/bench_ops.py, embedded in this binary), and prints both with the ratio
-//! of our time to torch's. The two sides take turns case by case (torch's calls of a case, then
-//! ours), so a drift in the machine's speed falls on both alike while each side's calls run back
-//! to back, as in a model. (Alternating single calls of 10 ms put a cold start, threads waking
-//! and caches refilling, into every call of both sides: 4096x320x320 took 14 ms a call that
-//! way, 9 ms back to back.)
+//! of our time to torch's. Each case's timed calls are split into rounds (`--rounds`), and the two
+//! sides take turns round by round (torch's round, then ours), so a drift in the machine's speed
+//! falls on both alike while each side's calls run back to back, as in a model. (Alternating
+//! single calls of 10 ms put a cold start, threads waking and caches refilling, into every call
+//! of both sides: 4096x320x320 took 14 ms a call that way, 9 ms back to back. One round a case
+//! still let a slow second land on one side: 1024x1280x1280 came out at 1.66x in one run and
+//! 0.99-1.11x in three others.)
 //!
 //! The Python interpreter: see `common::find_python`. Without a Python that imports torch (or
 //! with `--no-torch`) it prints our figures alone and says why the baseline is missing.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use clap::Args;
 use serde_json::{json, Value};
 use steer::ops::{self, Conv2dParams};
 use steer::{DType, Tensor};
 
-use crate::common::{init_threads, load_average, time_calls, torch_turn, PythonSide, Timing};
+use crate::common::{init_threads, load_average, torch_turn, PythonSide, Timing};
 
 /// The PyTorch side, embedded so the binary works from any directory.
 const BENCH_OPS_PY: &str = include_str!("../../../tests/reference/bench_ops.py");
@@ -30,9 +33,12 @@ pub struct OpsArgs {
     /// Timed calls per case; the median is reported.
     #[arg(long, default_value_t = 10)]
     repeats: usize,
-    /// Untimed calls per case before timing.
+    /// Untimed calls per case before timing (then one before each later round).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
+    /// Rounds each case's timed calls are split into; the two sides alternate round by round.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Python with torch for the baseline (default: $STEER_REF_VENV/bin/python, then
     /// ~/.cache/steer/ref-venv/bin/python, then python3 on PATH).
     #[arg(long)]
@@ -161,13 +167,55 @@ impl Case {
     }
 }
 
+/// Timed calls per round: `repeats` shared out over `rounds`, the first rounds one more (as
+/// bench_ops.py's `round_sizes`).
+fn round_sizes(repeats: usize, rounds: usize) -> Vec<usize> {
+    let rounds = rounds.clamp(1, repeats.max(1));
+    (0..rounds)
+        .map(|r| repeats / rounds + usize::from(r < repeats % rounds))
+        .collect()
+}
+
+/// The median and minimum of `call`'s timed calls in rounds, each round after one of torch's:
+/// the first round after `warmup` untimed calls, each later one after one.
+fn time_rounds(
+    args: &OpsArgs,
+    torch: &mut Result<PythonSide, String>,
+    mut call: impl FnMut() -> steer::Result<Tensor>,
+) -> steer::Result<Timing> {
+    let mut times = Vec::with_capacity(args.repeats);
+    for (r, calls) in round_sizes(args.repeats, args.rounds)
+        .into_iter()
+        .enumerate()
+    {
+        torch_turn(torch);
+        for _ in 0..if r == 0 {
+            args.warmup
+        } else {
+            args.warmup.min(1)
+        } {
+            std::hint::black_box(call()?);
+        }
+        for _ in 0..calls {
+            let t0 = Instant::now();
+            std::hint::black_box(call()?);
+            times.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    Ok(Timing::of(&times))
+}
+
 /// Our calls of one case.
-fn time_ours(case: &Case, warmup: usize, repeats: usize) -> steer::Result<Timing> {
+fn time_ours(
+    case: &Case,
+    args: &OpsArgs,
+    torch: &mut Result<PythonSide, String>,
+) -> steer::Result<Timing> {
     match case.kind {
         Kind::Gemm { m, k, n } => {
             let a = Tensor::randn(&[m, k], DType::F32, 1);
             let b = Tensor::randn(&[k, n], DType::F32, 2);
-            time_calls(warmup, repeats, || ops::matmul(&a, &b))
+            time_rounds(args, torch, || ops::matmul(&a, &b))
         }
         Kind::Conv {
             batch,
@@ -183,7 +231,7 @@ fn time_ours(case: &Case, warmup: usize, repeats: usize) -> steer::Result<Timing
             let wt = Tensor::randn(&[cout, cin, kernel, kernel], DType::F32, 2);
             let b = Tensor::randn(&[cout], DType::F32, 3);
             let p = Conv2dParams { stride, padding };
-            time_calls(warmup, repeats, || ops::conv2d(&x, &wt, Some(&b), p))
+            time_rounds(args, torch, || ops::conv2d(&x, &wt, Some(&b), p))
         }
     }
 }
@@ -198,6 +246,8 @@ fn start_torch(args: &OpsArgs, threads: usize) -> Result<PythonSide, String> {
         args.repeats.to_string(),
         "--warmup".into(),
         args.warmup.to_string(),
+        "--rounds".into(),
+        args.rounds.to_string(),
         "--cases".into(),
         cases.to_string(),
     ];
@@ -225,9 +275,7 @@ pub fn run(args: OpsArgs) -> Result<(), String> {
     };
     let mut ours = Vec::new();
     for case in CASES {
-        torch_turn(&mut torch);
-        let t = time_ours(case, args.warmup, args.repeats)
-            .map_err(|e| format!("{}: {e}", case.name))?;
+        let t = time_ours(case, &args, &mut torch).map_err(|e| format!("{}: {e}", case.name))?;
         eprintln!("ours  {}: {:.2} ms", case.name, t.median_s * 1e3);
         ours.push(t);
     }
@@ -243,8 +291,11 @@ pub fn run(args: OpsArgs) -> Result<(), String> {
     // The table.
     println!();
     println!(
-        "steer-bench ops: fp32, {threads} thread(s), median of {} call(s) after {} warm-up",
-        args.repeats, args.warmup
+        "steer-bench ops: fp32, {threads} thread(s), median of {} call(s) in {} round(s) after {} \
+         warm-up",
+        args.repeats,
+        round_sizes(args.repeats, args.rounds).len(),
+        args.warmup
     );
     match &torch {
         Ok(report) => {
