@@ -148,8 +148,9 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
 /// environment. Its stderr (progress) is passed through as it comes; its report is the last
 /// stdout line that is a JSON object.
 ///
-/// Started with turns (the script gets `--turns`), the script stops before each call or case it
-/// times, prints `READY` and waits for a `go` line, so that its work and ours alternate: the
+/// Started with turns (the script gets `--turns`), the script stops before each turn (one call,
+/// or a round of calls), prints `READY` and waits for a `go` line, so that its work and ours
+/// alternate: the
 /// speed of this project's shared machines drifts by tens of percent over minutes, and timing
 /// one side after the other put all of that drift on one side. Only one side computes at a time.
 pub struct PythonSide {
@@ -235,10 +236,10 @@ impl PythonSide {
         }
     }
 
-    /// Let the script make its next call, and wait until it has and is waiting again. A pause
-    /// before and after lets the finished side's idle threads stop spinning (GNU OpenMP's spin
-    /// ahead of sleeping lasts milliseconds and took one of two cores from a 9 ms GEMM of ours:
-    /// 1.7x torch's time alternating, 1.0x alone).
+    /// Let the script take its next turn, and wait until it has and is waiting again. A pause
+    /// before and after lets the side that just finished go idle (GNU OpenMP's threads, and
+    /// rayon's, spin for a while before they sleep), so that its spinning does not take a core
+    /// from the other side's timed calls.
     pub fn turn(&mut self) -> Result<(), String> {
         std::thread::sleep(SETTLE);
         let sent = self
@@ -312,7 +313,7 @@ impl PythonSide {
     }
 }
 
-/// Let the PyTorch side (started with turns) make its next call; if it fails, the baseline is
+/// Let the PyTorch side (started with turns) take its next turn; if it fails, the baseline is
 /// dropped with the reason and ours goes on alone.
 pub fn torch_turn(torch: &mut Result<PythonSide, String>) {
     if let Ok(side) = torch {
