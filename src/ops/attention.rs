@@ -138,10 +138,33 @@ fn softmax_visible<T: Float>(row: &mut [T], r: usize, scale: T, causal: bool) {
     masked.fill(T::ZERO);
 }
 
-/// A capture over its own columns (FLUX): softmax(scale * s_row[cols]) into `out`.
-fn column_softmax<T: Float>(cols: &Range<usize>, s_row: &[T], scale: T, out: &mut [T]) {
-    out.copy_from_slice(&s_row[cols.clone()]);
-    T::softmax_scaled(out, scale);
+/// The probabilities of a block of query rows (the first at row `r0`), in `s` (rows, Lk):
+/// softmax(scale * q_rows kt) over the keys each row sees. With `cols` (a capture over its own
+/// columns, FLUX), also each row's softmax(scale * logits[cols]) in `sub` (rows, cols.len()).
+/// The forward and the backward's recomputation share it.
+#[allow(clippy::too_many_arguments)]
+fn probabilities<T: Float>(
+    q_rows: &[T],
+    kt: &[T],
+    r0: usize,
+    dm: &Dims,
+    scale: T,
+    causal: bool,
+    cols: Option<&Range<usize>>,
+    s: &mut [T],
+    sub: &mut [T],
+) {
+    let (lk, rows) = (dm.lk.max(1), s.len() / dm.lk.max(1));
+    logits(q_rows, kt, rows, dm, s);
+    if let Some(cols) = cols {
+        for (row, out) in s.chunks(lk).zip(sub.chunks_mut(cols.len().max(1))) {
+            out.copy_from_slice(&row[cols.clone()]);
+            T::softmax_scaled(out, scale);
+        }
+    }
+    s.chunks_mut(lk)
+        .enumerate()
+        .for_each(|(i, row)| softmax_visible(row, r0 + i, scale, causal));
 }
 
 /// A word's map value: the mean of its columns' probabilities (`probs` starts at column `c0`).
@@ -263,22 +286,17 @@ fn forward_block<T: Float>(
     capture: Option<&Capture>,
     causal: bool,
 ) -> (Vec<T>, Vec<T>) {
-    let mut s = vec![T::ZERO; rows * dm.lk];
-    logits(qb, kt, rows, dm, &mut s);
+    let cols = capture.and_then(|c| c.softmax_cols.as_ref());
+    let ncols = cols.map_or(0, |c| c.len());
+    let (mut s, mut sub) = (vec![T::ZERO; rows * dm.lk], vec![T::ZERO; rows * ncols]);
+    probabilities(qb, kt, r0, dm, scale, causal, cols, &mut s, &mut sub);
     let nw = capture.map_or(0, |c| c.words.len());
     let mut maps = vec![T::ZERO; nw * rows];
-    let mut sub = Vec::new();
-    for (i, row) in s.chunks_mut(dm.lk.max(1)).enumerate() {
-        let cols = capture.and_then(|c| c.softmax_cols.clone());
-        if let Some(cols) = &cols {
-            sub.resize(cols.len(), T::ZERO);
-            column_softmax(cols, row, scale, &mut sub);
-        }
-        softmax_visible(row, r0 + i, scale, causal);
-        if let Some(c) = capture {
-            let (probs, c0) = match &cols {
-                Some(cols) => (&sub[..], cols.start),
-                None => (&row[..], 0),
+    if let Some(c) = capture {
+        for i in 0..rows {
+            let (probs, c0) = match cols {
+                Some(cols) => (&sub[i * ncols..(i + 1) * ncols], cols.start),
+                None => (&s[i * dm.lk..(i + 1) * dm.lk], 0),
             };
             for (w, word) in c.words.iter().enumerate() {
                 maps[w * rows + i] = word_mean(word, probs, c0);
@@ -386,22 +404,15 @@ fn backward_rows<T: Float>(
     let lk = dm.lk.max(1);
     let block = ROWS.min(rr.len());
     let (mut s, mut dp) = (vec![T::ZERO; block * dm.lk], vec![T::ZERO; block * dm.lk]);
-    let cols = maps.and_then(|(c, _)| c.softmax_cols.clone());
-    let ncols = cols.as_ref().map_or(0, |c| c.len());
+    let cols = maps.and_then(|(c, _)| c.softmax_cols.as_ref());
+    let ncols = cols.map_or(0, |c| c.len());
     let (mut sub, mut gsub) = (vec![T::ZERO; block * ncols], vec![T::ZERO; ncols]);
     let (b, h) = (hd.bh / dm.h, hd.bh % dm.h);
     for r0 in rr.clone().step_by(ROWS) {
         let rows = ROWS.min(rr.end - r0);
         let (s, dp) = (&mut s[..rows * dm.lk], &mut dp[..rows * dm.lk]);
-        logits(&hd.q[r0 * dm.d..(r0 + rows) * dm.d], hd.kt, rows, dm, s);
-        if let Some(cols) = &cols {
-            for (row, out) in s.chunks(lk).zip(sub.chunks_mut(ncols)) {
-                column_softmax(cols, row, scale, out);
-            }
-        }
-        s.chunks_mut(lk)
-            .enumerate()
-            .for_each(|(i, row)| softmax_visible(row, r0 + i, scale, causal));
+        let qb = &hd.q[r0 * dm.d..(r0 + rows) * dm.d];
+        probabilities(qb, hd.kt, r0, dm, scale, causal, cols, s, &mut sub);
         let dor = &hd.dout[r0 * dm.dv..(r0 + rows) * dm.dv];
         if kv_grads {
             gemm_with(
@@ -440,7 +451,7 @@ fn backward_rows<T: Float>(
             let word_grad = |w: usize| {
                 dmaps[((b * nw + w) * dm.h + h) * dm.lq + r0 + i] / T::of(c.words[w].len() as f64)
             };
-            match &cols {
+            match cols {
                 None => {
                     for (w, word) in c.words.iter().enumerate() {
                         let gw = word_grad(w);
@@ -481,7 +492,6 @@ fn backward_rows<T: Float>(
             Some(false),
         );
         if kv_grads {
-            let qb = &hd.q[r0 * dm.d..(r0 + rows) * dm.d];
             gemm_with(
                 dm.d,
                 dm.lk,

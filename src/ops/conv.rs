@@ -126,11 +126,7 @@ impl ChannelGroups {
     /// The weights' columns of the group starting at channel `c0`: a (Cout, cin * kh * kw)
     /// matrix inside the (Cout, Cin * kh * kw) weights.
     fn weights<'a, T>(&self, w: &'a [T], c0: usize) -> Strided<'a, T> {
-        Strided {
-            data: &w[c0 * self.g.kh * self.g.kw..],
-            rs: self.g.k(),
-            cs: 1,
-        }
+        Strided::rows(&w[c0 * self.g.kh * self.g.kw..], self.g.k())
     }
 
     fn buffer<T: Float>(&self) -> Vec<T> {
@@ -144,18 +140,14 @@ impl ChannelGroups {
         for (gs, c0) in self.iter() {
             let col = &mut col[..gs.k() * plane];
             im2col(&gs, &x[c0 * g.h * g.w..(c0 + gs.cin) * g.h * g.w], col);
-            let yc = StridedMut {
-                data: &mut *y,
-                rs: plane,
-                cs: 1,
-            };
+            let yc = StridedMut::rows(&mut *y, plane);
             let acc = accumulate || c0 > 0;
             gemm_strided(
                 g.cout,
                 plane,
                 gs.k(),
                 self.weights(w, c0),
-                rows(col, plane),
+                Strided::rows(col, plane),
                 yc,
                 acc,
             );
@@ -177,48 +169,31 @@ impl ChannelGroups {
         for (gs, c0) in self.iter() {
             let col = &mut col[..gs.k() * plane];
             let span = c0 * g.h * g.w..(c0 + gs.cin) * g.h * g.w;
-            let dcol = StridedMut {
-                data: &mut *col,
-                rs: plane,
-                cs: 1,
-            };
+            let dcol = StridedMut::rows(&mut *col, plane);
             gemm_strided(
                 gs.k(),
                 plane,
                 g.cout,
                 self.weights(w, c0).t(),
-                rows(dy, plane),
+                Strided::rows(dy, plane),
                 dcol,
                 false,
             );
             col2im(&gs, col, &mut dx[span.clone()]);
             if let Some(dw) = dw.as_deref_mut() {
                 im2col(&gs, &x[span], col);
-                let dwg = StridedMut {
-                    data: &mut dw[c0 * g.kh * g.kw..],
-                    rs: g.k(),
-                    cs: 1,
-                };
+                let dwg = StridedMut::rows(&mut dw[c0 * g.kh * g.kw..], g.k());
                 gemm_strided(
                     g.cout,
                     gs.k(),
                     plane,
-                    rows(dy, plane),
-                    rows(col, plane).t(),
+                    Strided::rows(dy, plane),
+                    Strided::rows(col, plane).t(),
                     dwg,
                     true,
                 );
             }
         }
-    }
-}
-
-/// A contiguous row-major matrix with rows of `cols` elements.
-fn rows<T>(data: &[T], cols: usize) -> Strided<'_, T> {
-    Strided {
-        data,
-        rs: cols,
-        cs: 1,
     }
 }
 
@@ -329,11 +304,7 @@ impl Shifted {
 
     /// The padded input shifted by (i, j), as a (Cin, cols) matrix.
     fn view<'a, T>(&self, xp: &'a [T], i: usize, j: usize) -> Strided<'a, T> {
-        Strided {
-            data: &xp[i * self.wp + j..],
-            rs: self.hp * self.wp,
-            cs: 1,
-        }
+        Strided::rows(&xp[i * self.wp + j..], self.hp * self.wp)
     }
 
     /// y (Cout, Ho*Wo) += conv(x) for one image, from the kernel as contiguous taps
@@ -350,21 +321,9 @@ impl Shifted {
                 let (n0, rows) = (t * TILE, ct.len() / g.cout);
                 for i in 0..g.kh {
                     for j in 0..g.kw {
-                        let view = Strided {
-                            data: &xp[i * self.wp + j + n0..],
-                            rs: 1,
-                            cs: self.hp * self.wp,
-                        };
-                        let c = StridedMut {
-                            data: &mut *ct,
-                            rs: g.cout,
-                            cs: 1,
-                        };
-                        let tap = Strided {
-                            data: &taps[(i * g.kw + j) * g.cin * g.cout..],
-                            rs: g.cout,
-                            cs: 1,
-                        };
+                        let view = self.view(&xp[n0..], i, j).t();
+                        let c = StridedMut::rows(&mut *ct, g.cout);
+                        let tap = Strided::rows(&taps[(i * g.kw + j) * g.cin * g.cout..], g.cout);
                         gemm_strided_with(rows, g.cout, g.cin, view, tap, c, true, false);
                     }
                 }
@@ -398,20 +357,12 @@ impl Shifted {
                     .copy_from_slice(&dy_o[oy * g.wo..(oy + 1) * g.wo]);
             }
         }
-        let dwide_m = || Strided {
-            data: &dwide[..],
-            rs: g.ho * self.wp,
-            cs: 1,
-        };
+        let dwide_m = || Strided::rows(&dwide[..], g.ho * self.wp);
         let mut dxp = vec![T::ZERO; g.cin * self.hp * self.wp];
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let tap_t = self.tap(g, w, i, j).t();
-                let c = StridedMut {
-                    data: &mut dxp[i * self.wp + j..],
-                    rs: self.hp * self.wp,
-                    cs: 1,
-                };
+                let c = StridedMut::rows(&mut dxp[i * self.wp + j..], self.hp * self.wp);
                 gemm_strided(g.cin, self.cols, g.cout, tap_t, dwide_m(), c, true);
             }
         }
@@ -443,14 +394,28 @@ impl Shifted {
 /// tiled GEMMs then pack them with contiguous copies, not a gather at stride kh*kw for every
 /// tile (a tenth of a 64x64 convolution's time). One pass over the weights a call.
 fn contiguous_taps<T: Float>(g: &Geometry, w: &[T]) -> Vec<T> {
-    let (taps, per) = (g.kh * g.kw, g.cin * g.cout);
-    let mut out = vec![T::ZERO; taps * per];
-    out.par_chunks_mut(per.max(1))
+    gather_taps(g, w, false)
+}
+
+/// The taps of `w` (Cout, Cin, kh, kw), one contiguous matrix a tap, tap t at index t: as
+/// (Cin, Cout) matrices of tap t, or with `flipped` as (Cout, Cin) matrices of tap
+/// kh*kw - 1 - t (the kernel turned 180 degrees, channel roles swapped).
+fn gather_taps<T: Float>(g: &Geometry, w: &[T], flipped: bool) -> Vec<T> {
+    let taps = g.kh * g.kw;
+    let (rows, cols) = if flipped {
+        (g.cout, g.cin)
+    } else {
+        (g.cin, g.cout)
+    };
+    let mut out = vec![T::ZERO; taps * rows * cols];
+    out.par_chunks_mut((rows * cols).max(1))
         .enumerate()
         .for_each(|(t, m)| {
-            for (c, row) in m.chunks_mut(g.cout.max(1)).enumerate() {
-                for (o, v) in row.iter_mut().enumerate() {
-                    *v = w[(o * g.cin + c) * taps + t];
+            let src = if flipped { taps - 1 - t } else { t };
+            for (r, row) in m.chunks_mut(cols.max(1)).enumerate() {
+                for (c, v) in row.iter_mut().enumerate() {
+                    let (o, i) = if flipped { (r, c) } else { (c, r) };
+                    *v = w[(o * g.cin + i) * taps + src];
                 }
             }
         });
@@ -478,19 +443,7 @@ fn input_gradient_conv<T: Float>(g: &Geometry, w: &[T]) -> Option<(Geometry, Vec
         stride: 1,
         pad: g.kh - 1 - g.pad,
     };
-    let taps = g.kh * g.kw;
-    let mut out = vec![T::ZERO; taps * g.cin * g.cout];
-    out.par_chunks_mut((g.cout * g.cin).max(1))
-        .enumerate()
-        .for_each(|(t, m)| {
-            let flipped = taps - 1 - t;
-            for (o, row) in m.chunks_mut(g.cin.max(1)).enumerate() {
-                for (c, v) in row.iter_mut().enumerate() {
-                    *v = w[(o * g.cin + c) * taps + flipped];
-                }
-            }
-        });
-    Some((gt, out))
+    Some((gt, gather_taps(g, w, true)))
 }
 
 /// `x`: (B, Cin, H, W), `w`: (Cout, Cin, kh, kw), `b`: (Cout) -> (B, Cout, Ho, Wo), as

@@ -19,20 +19,17 @@ pub(crate) struct Strided<'a, T> {
 }
 
 impl<'a, T> Strided<'a, T> {
+    /// Rows `rs` apart, each contiguous.
+    pub fn rows(data: &'a [T], rs: usize) -> Self {
+        Strided { data, rs, cs: 1 }
+    }
+
     /// A contiguous row-major (rows, cols) matrix, or its transpose when `layout` is `T` (then
     /// the slice holds the (cols, rows) matrix).
     fn contiguous(data: &'a [T], layout: Layout, rows: usize, cols: usize) -> Self {
         match layout {
-            Layout::N => Strided {
-                data,
-                rs: cols,
-                cs: 1,
-            },
-            Layout::T => Strided {
-                data,
-                rs: 1,
-                cs: rows,
-            },
+            Layout::N => Strided::rows(data, cols),
+            Layout::T => Strided::rows(data, rows).t(),
         }
     }
 
@@ -51,6 +48,13 @@ pub(crate) struct StridedMut<'a, T> {
     pub data: &'a mut [T],
     pub rs: usize,
     pub cs: usize,
+}
+
+impl<'a, T> StridedMut<'a, T> {
+    /// Rows `rs` apart, each contiguous.
+    pub fn rows(data: &'a mut [T], rs: usize) -> Self {
+        StridedMut { data, rs, cs: 1 }
+    }
 }
 
 /// Whether a (rows, cols) matrix with these strides lies inside `len` elements.
@@ -178,11 +182,7 @@ pub(crate) fn gemm_with<T: Float>(
 ) {
     let a = Strided::contiguous(a, la, m, k);
     let b = Strided::contiguous(b, lb, k, n);
-    let c = StridedMut {
-        data: c,
-        rs: n,
-        cs: 1,
-    };
+    let c = StridedMut::rows(c, n);
     match parallel {
         None => gemm_strided(m, n, k, a, b, c, accumulate),
         Some(p) => gemm_strided_with(m, n, k, a, b, c, accumulate, p),
