@@ -110,10 +110,12 @@ pub trait Float:
     fn is_finite(self) -> bool;
     /// Softmax of `scale * row`, in place (f32: vectorised, `ops::simd`).
     fn softmax_scaled(row: &mut [Self], scale: Self);
+    /// exp of each element, in place (f32: vectorised, `ops::simd`).
+    fn exp_in_place(xs: &mut [Self]);
 }
 
 macro_rules! float {
-    ($t:ty, $erf:path, $softmax:path) => {
+    ($t:ty, $erf:path, $softmax:path, $exp_slice:expr) => {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -151,9 +153,22 @@ macro_rules! float {
             fn softmax_scaled(row: &mut [Self], scale: Self) {
                 $softmax(row, scale)
             }
+            fn exp_in_place(xs: &mut [Self]) {
+                $exp_slice(xs)
+            }
         }
     };
 }
 
-float!(f32, libm::erff, crate::ops::simd::softmax_f32);
-float!(f64, libm::erf, crate::ops::softmax_row_generic);
+float!(
+    f32,
+    libm::erff,
+    crate::ops::simd::softmax_f32,
+    crate::ops::simd::exp_f32
+);
+float!(
+    f64,
+    libm::erf,
+    crate::ops::softmax_row_generic,
+    |xs: &mut [f64]| { xs.iter_mut().for_each(|x| *x = x.exp()) }
+);

@@ -217,14 +217,7 @@ fn rms_norm() {
 
 #[test]
 fn activations() {
-    for act in [
-        Activation::Silu,
-        Activation::Gelu,
-        Activation::GeluTanh,
-        Activation::QuickGelu,
-        Activation::Relu,
-        Activation::LeakyRelu(0.1),
-    ] {
+    for act in Activation::ALL {
         let xs = [Tensor::rand_uniform(&[5, 9], -3.0, 3.0, DType::F64, 17)];
         check(
             &format!("{act:?}"),

@@ -277,19 +277,30 @@ impl Shifted {
         g.stride == 1 && Shifted::new(g).cols >= 8 * TILE
     }
 
+    /// Columns per tile: about TILE, so that the tiles come in a multiple of the thread count
+    /// (17 tiles of 256 on two threads left one idle for a tenth of a 64x64 convolution), and a
+    /// multiple of 16, the GEMM micro-kernel's rows.
+    fn tile(&self) -> usize {
+        let threads = rayon::current_num_threads().max(1);
+        let tiles = self.cols.div_ceil(TILE).next_multiple_of(threads);
+        self.cols.div_ceil(tiles).next_multiple_of(16)
+    }
+
     /// The input, zero-padded to (Cin, Hp, Wp) (borrowed when there is no padding).
     fn padded<'a, T: Float>(&self, g: &Geometry, x: &'a [T]) -> std::borrow::Cow<'a, [T]> {
         if g.pad == 0 {
             return x.into();
         }
-        let mut xp = vec![T::ZERO; g.cin * self.hp * self.wp];
-        for (c, dst) in xp.chunks_mut(self.hp * self.wp).enumerate() {
-            for y in 0..g.h {
-                let row = (y + g.pad) * self.wp + g.pad;
-                dst[row..row + g.w]
-                    .copy_from_slice(&x[(c * g.h + y) * g.w..(c * g.h + y + 1) * g.w]);
-            }
-        }
+        let mut xp = super::zeros::<T>(g.cin * self.hp * self.wp);
+        xp.par_chunks_mut(self.hp * self.wp)
+            .enumerate()
+            .for_each(|(c, dst)| {
+                for y in 0..g.h {
+                    let row = (y + g.pad) * self.wp + g.pad;
+                    dst[row..row + g.w]
+                        .copy_from_slice(&x[(c * g.h + y) * g.w..(c * g.h + y + 1) * g.w]);
+                }
+            });
         xp.into()
     }
 
@@ -308,17 +319,18 @@ impl Shifted {
     }
 
     /// y (Cout, Ho*Wo) += conv(x) for one image, from the kernel as contiguous taps
-    /// ([`contiguous_taps`]). Computed transposed, as (cols, Cout), in tiles of TILE columns run in
+    /// ([`contiguous_taps`]). Computed transposed, as (cols, Cout), in tiles of ~TILE columns run in
     /// parallel, so each tile's accumulator stays in cache across the kh*kw taps (over the whole
     /// plane, every tap re-reads a multi-MB accumulator).
     fn tiled<T: Float>(&self, g: &Geometry, x: &[T], taps: &[T], y: &mut [T]) {
         let xp = self.padded(g, x);
-        let mut wide_t = vec![T::ZERO; self.cols * g.cout];
+        let mut wide_t = super::zeros::<T>(self.cols * g.cout);
+        let tile = self.tile();
         wide_t
-            .par_chunks_mut(TILE * g.cout)
+            .par_chunks_mut(tile * g.cout)
             .enumerate()
             .for_each(|(t, ct)| {
-                let (n0, rows) = (t * TILE, ct.len() / g.cout);
+                let (n0, rows) = (t * tile, ct.len() / g.cout);
                 for i in 0..g.kh {
                     for j in 0..g.kw {
                         let view = self.view(&xp[n0..], i, j).t();
@@ -350,7 +362,7 @@ impl Shifted {
         dw: Option<&mut [T]>,
     ) {
         // dy on wide rows, the discarded columns zero so they contribute nothing.
-        let mut dwide = vec![T::ZERO; g.cout * g.ho * self.wp];
+        let mut dwide = super::zeros::<T>(g.cout * g.ho * self.wp);
         for (dw_o, dy_o) in dwide.chunks_mut(g.ho * self.wp).zip(dy.chunks(g.ho * g.wo)) {
             for oy in 0..g.ho {
                 dw_o[oy * self.wp..oy * self.wp + g.wo]
@@ -358,7 +370,7 @@ impl Shifted {
             }
         }
         let dwide_m = || Strided::rows(&dwide[..], g.ho * self.wp);
-        let mut dxp = vec![T::ZERO; g.cin * self.hp * self.wp];
+        let mut dxp = super::zeros::<T>(g.cin * self.hp * self.wp);
         for i in 0..g.kh {
             for j in 0..g.kw {
                 let tap_t = self.tap(g, w, i, j).t();
@@ -407,7 +419,7 @@ fn gather_taps<T: Float>(g: &Geometry, w: &[T], flipped: bool) -> Vec<T> {
     } else {
         (g.cin, g.cout)
     };
-    let mut out = vec![T::ZERO; taps * rows * cols];
+    let mut out = super::zeros::<T>(taps * rows * cols);
     out.par_chunks_mut((rows * cols).max(1))
         .enumerate()
         .for_each(|(t, m)| {
@@ -464,7 +476,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, wv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?);
         let plane = g.ho * g.wo;
-        let mut out = vec![T::ZERO; g.batch * g.cout * plane];
+        let mut out = super::zeros::<T>(g.batch * g.cout * plane);
         let tiled = Shifted::takes(&g).then(|| (Shifted::new(&g), contiguous_taps(&g, wv)));
         let groups = ChannelGroups::new(&g);
         for n in 0..g.batch {
@@ -472,7 +484,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
             let yn = &mut out[n * g.cout * plane..(n + 1) * g.cout * plane];
             if let Some(b) = b {
                 let bv = b.slice::<T>(OP)?;
-                yn.chunks_mut(plane).zip(bv).for_each(|(r, &bi)| r.fill(bi));
+                yn.par_chunks_mut(plane).zip(bv).for_each(|(r, &bi)| r.fill(bi));
             }
             if let Some((sh, taps)) = &tiled {
                 sh.tiled(&g, xn, taps, yn);
@@ -520,9 +532,9 @@ pub fn conv2d_backward(
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, wv, dyv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?, dy.slice::<T>(OP)?);
         let (plane, img) = (g.ho * g.wo, g.cin * g.h * g.w);
-        let mut dx = vec![T::ZERO; xv.len()];
-        let mut dw = vec![T::ZERO; if weight_grads { wv.len() } else { 0 }];
-        let mut db = vec![T::ZERO; if weight_grads { g.cout } else { 0 }];
+        let mut dx = super::zeros::<T>(xv.len());
+        let mut dw = super::zeros::<T>(if weight_grads { wv.len() } else { 0 });
+        let mut db = super::zeros::<T>(if weight_grads { g.cout } else { 0 });
         // Training (weight gradients too) keeps the shifted whole-plane GEMMs for stride 1: no
         // im2col buffer at any plane size. The input gradient alone: of a large plane, a tiled
         // convolution of dy (`input_gradient_conv`); of a small plane or a strided convolution,

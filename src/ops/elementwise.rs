@@ -35,7 +35,7 @@ fn zip_map(op: &'static str, a: &Tensor, b: &Tensor, f: BinOp) -> Result<Tensor>
     crate::cuda::kernel_dispatch!([BF16, F32] a, m => crate::cuda::elementwise::binary(m, op, a, b, f));
     float_dispatch!(op, a.dtype(), T => {
         let (av, bv) = (a.slice::<T>(op)?, b.slice::<T>(op)?);
-        let mut out = vec![T::ZERO; av.len()];
+        let mut out = super::zeros::<T>(av.len());
         out.par_chunks_mut(CHUNK).zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK))).for_each(
             |(o, (x, y))| o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f.apply(x, y)),
         );
@@ -104,7 +104,7 @@ pub fn add_broadcast_backward(dy: &Tensor, axis: usize) -> Result<Tensor> {
     let inner: usize = dy.shape()[axis + 1..].iter().product();
     float_dispatch!(OP, dy.dtype(), T => {
         let g = dy.slice::<T>(OP)?;
-        let mut dv = vec![T::ZERO; g.len() / mid.max(1)];
+        let mut dv = super::zeros::<T>(g.len() / mid.max(1));
         if inner > 0 {
             dv.par_chunks_mut(inner).zip(g.par_chunks((mid * inner).max(1))).for_each(|(o, blk)| {
                 blk.chunks(inner).for_each(|r| o.iter_mut().zip(r).for_each(|(a, &b)| *a += b))
@@ -171,7 +171,7 @@ pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
     crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::modulate(m, x, shift, scale));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, sh, sc) = (x.slice::<T>(OP)?, shift.slice::<T>(OP)?, scale.slice::<T>(OP)?);
-        let mut out = vec![T::ZERO; xv.len()];
+        let mut out = super::zeros::<T>(xv.len());
         out.par_chunks_mut(d.max(1)).zip(xv.par_chunks(d.max(1))).enumerate().for_each(|(r, (o, xr))| {
             let b = r / l.max(1);
             for i in 0..d {
@@ -194,9 +194,9 @@ pub fn modulate_backward(
     crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::modulate_backward(m, x, scale, dy));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, sc, g) = (x.slice::<T>(OP)?, scale.slice::<T>(OP)?, dy.slice::<T>(OP)?);
-        let mut dx = vec![T::ZERO; xv.len()];
-        let mut dsh = vec![T::ZERO; sc.len()];
-        let mut dsc = vec![T::ZERO; sc.len()];
+        let mut dx = super::zeros::<T>(xv.len());
+        let mut dsh = super::zeros::<T>(sc.len());
+        let mut dsc = super::zeros::<T>(sc.len());
         for (r, (xr, gr)) in xv.chunks(d.max(1)).zip(g.chunks(d.max(1))).enumerate() {
             let b = r / l.max(1);
             for i in 0..d {
@@ -267,7 +267,7 @@ pub fn mean_axis(x: &Tensor, axis: usize) -> Result<Tensor> {
     shape.remove(axis);
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
-        let mut out = vec![T::ZERO; outer * inner];
+        let mut out = super::zeros::<T>(outer * inner);
         for o in 0..outer {
             for k in 0..n {
                 let src = &xv[(o * n + k) * inner..(o * n + k + 1) * inner];

@@ -47,7 +47,7 @@ pub fn embedding_backward(weight_shape: &[usize], ids: &[usize], dy: &Tensor) ->
     }
     float_dispatch!(OP, dy.dtype(), T => {
         let g = dy.slice::<T>(OP)?;
-        let mut dw = vec![T::ZERO; v * d];
+        let mut dw = super::zeros::<T>(v * d);
         for (r, &i) in ids.iter().enumerate() {
             dw[i * d..(i + 1) * d].iter_mut().zip(&g[r * d..(r + 1) * d]).for_each(|(a, &b)| *a += b);
         }
@@ -73,7 +73,7 @@ pub fn timestep_embedding(
     }
     float_dispatch!(OP, t.dtype(), T => {
         let freqs = frequencies::<T>(half, downscale_freq_shift);
-        let mut out = vec![T::ZERO; t.numel() * dim];
+        let mut out = super::zeros::<T>(t.numel() * dim);
         for (row, &tv) in out.chunks_mut(dim).zip(t.slice::<T>(OP)?) {
             let (a, b) = row[..2 * half].split_at_mut(half);
             let (sin, cos) = if flip_sin_to_cos { (b, a) } else { (a, b) };
@@ -165,7 +165,7 @@ fn rope_rotate(
     crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::rope(m, x, cos, sin, inverse));
     float_dispatch!(op, x.dtype(), T => {
         let (xv, c, s) = (x.slice::<T>(op)?, cos.slice::<T>(op)?, sin.slice::<T>(op)?);
-        let mut out = vec![T::ZERO; xv.len()];
+        let mut out = super::zeros::<T>(xv.len());
         out.par_chunks_mut(d).zip(xv.par_chunks(d)).enumerate().for_each(|(r, (o, xr))| {
             let p = r % l;
             for i in 0..d / 2 {

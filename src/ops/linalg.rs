@@ -224,7 +224,7 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     shape.extend([m, n]);
     float_dispatch!(OP, a.dtype(), T => {
         let (av, bv) = (a.slice::<T>(OP)?, b.slice::<T>(OP)?);
-        let mut out = vec![T::ZERO; nb * m * n];
+        let mut out = super::zeros::<T>(nb * m * n);
         if shared_b {
             // One GEMM over all batch rows at once.
             gemm(nb * m, n, k, av, Layout::N, bv, Layout::N, &mut out, false);
@@ -257,8 +257,8 @@ pub fn matmul_backward(a: &Tensor, b: &Tensor, dc: &Tensor) -> Result<(Tensor, T
     let shared_b = bbatch.is_empty();
     float_dispatch!(OP, a.dtype(), T => {
         let (av, bv, dcv) = (a.slice::<T>(OP)?, b.slice::<T>(OP)?, dc.slice::<T>(OP)?);
-        let mut da = vec![T::ZERO; av.len()];
-        let mut db = vec![T::ZERO; bv.len()];
+        let mut da = super::zeros::<T>(av.len());
+        let mut db = super::zeros::<T>(bv.len());
         if shared_b {
             gemm(nb * m, k, n, dcv, Layout::N, bv, Layout::T, &mut da, false);
             gemm(k, n, nb * m, av, Layout::T, dcv, Layout::N, &mut db, false);
@@ -283,11 +283,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     *shape.last_mut().expect("rank >= 1") = outf;
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, wv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?);
-        let mut out = vec![T::ZERO; rows * outf];
-        if let Some(b) = b {
-            let bv = b.slice::<T>(OP)?;
-            out.chunks_mut(outf).for_each(|r| r.copy_from_slice(bv));
-        }
+        let mut out = match b {
+            Some(b) => super::repeated(rows * outf, b.slice::<T>(OP)?),
+            None => super::zeros::<T>(rows * outf),
+        };
         gemm(rows, outf, inf, xv, Layout::N, wv, Layout::T, &mut out, b.is_some());
         Tensor::from_vec(out, &shape)
     })
@@ -330,15 +329,15 @@ pub fn linear_backward(
     }
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, wv, dyv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?, dy.slice::<T>(OP)?);
-        let mut dx = vec![T::ZERO; rows * inf];
+        let mut dx = super::zeros::<T>(rows * inf);
         gemm(rows, inf, outf, dyv, Layout::N, wv, Layout::N, &mut dx, false);
         let dx = Tensor::from_vec(dx, x.shape())?;
         if !weight_grads {
             return Ok(LinearGrads { dx, dw: None, db: None });
         }
-        let mut dw = vec![T::ZERO; outf * inf];
+        let mut dw = super::zeros::<T>(outf * inf);
         gemm(outf, inf, rows, dyv, Layout::T, xv, Layout::N, &mut dw, false);
-        let mut db = vec![T::ZERO; outf];
+        let mut db = super::zeros::<T>(outf);
         for r in dyv.chunks(outf) {
             db.iter_mut().zip(r).for_each(|(d, &g)| *d += g);
         }

@@ -22,36 +22,100 @@ pub(crate) struct Rows {
     pub eps: f64,
 }
 
+/// Elements of a run of rows in the backward (`Rows::backward`).
+const ROW_RUN: usize = 1 << 14;
+
+/// Elements summed in the working precision before the partial sum joins an f64 total.
+const SUM_BLOCK: usize = 256;
+
+/// sum(f(a, b)) over two slices of one length in f64 precision at f32 speed: blocks of
+/// SUM_BLOCK summed in 8 interleaved lanes of `T` (which the compiler vectorises), each block's
+/// sum added in f64. A VAE group holds ~1M elements at 512 px, where a plain f32 sum drifts by
+/// ~1e-4; a block's f32 sum is off by ~SUM_BLOCK/8 ulp at most.
+fn sum2_f64<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T) -> f64 {
+    let mut total = 0.0;
+    for (ab, bb) in a.chunks(SUM_BLOCK).zip(b.chunks(SUM_BLOCK)) {
+        let mut lanes = [T::ZERO; 8];
+        let (mut ia, mut ib) = (ab.chunks_exact(8), bb.chunks_exact(8));
+        for (va, vb) in (&mut ia).zip(&mut ib) {
+            for (l, (&x, &y)) in lanes.iter_mut().zip(va.iter().zip(vb)) {
+                *l += f(x, y);
+            }
+        }
+        let tail = ia
+            .remainder()
+            .iter()
+            .zip(ib.remainder())
+            .fold(T::ZERO, |s, (&x, &y)| s + f(x, y));
+        total += lanes.iter().fold(tail, |s, &l| s + l).to_f64();
+    }
+    total
+}
+
+/// sum(f(x)) as [`sum2_f64`].
+fn sum_f64<T: Float>(x: &[T], f: impl Fn(T) -> T) -> f64 {
+    sum2_f64(x, x, |v, _| f(v))
+}
+
 impl Rows {
-    fn param(&self, row: usize, i: usize) -> usize {
-        (row % self.blocks) * (self.n / self.per) + i / self.per
+    /// The first affine parameter of row `row`: a row covers parameters p0 .. p0 + n / per,
+    /// each for `per` consecutive elements.
+    fn first_param(&self, row: usize) -> usize {
+        (row % self.blocks) * (self.n / self.per)
     }
 
-    /// (mean, 1/sqrt(var + eps)) of one row; the mean is 0 for RMS norm. Accumulated in f64:
-    /// a VAE group holds ~1M elements at 512 px, where f32 sums drift by ~1e-4.
+    /// (mean, 1/sqrt(var + eps)) of one row; the mean is 0 for RMS norm.
     fn stats<T: Float>(&self, x: &[T]) -> (T, T) {
         let n = self.n as f64;
         let mean = if self.center {
-            x.iter().map(|v| v.to_f64()).sum::<f64>() / n
+            sum_f64(x, |v| v) / n
         } else {
             0.0
         };
-        let var = x.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>() / n;
-        (T::of(mean), T::of(1.0 / (var + self.eps).sqrt()))
+        let m = T::of(mean);
+        let var = sum_f64(x, |v| (v - m) * (v - m)) / n;
+        (m, T::of(1.0 / (var + self.eps).sqrt()))
+    }
+
+    /// A row's `gamma` and `beta`, ones and zeros where absent.
+    fn row_params<'a, T: Float>(&self, r: usize, p: Option<&'a [T]>, absent: &'a [T]) -> &'a [T] {
+        let p0 = self.first_param(r);
+        p.map_or(absent, |p| &p[p0..p0 + self.n / self.per])
     }
 
     fn forward<T: Float>(&self, x: &[T], gamma: Option<&[T]>, beta: Option<&[T]>) -> Vec<T> {
-        let mut y = vec![T::ZERO; x.len()];
+        let mut y = super::zeros::<T>(x.len());
+        let (ones, zeros) = (
+            vec![T::ONE; self.n / self.per],
+            vec![T::ZERO; self.n / self.per],
+        );
         y.par_chunks_mut(self.n)
             .zip(x.par_chunks(self.n))
             .enumerate()
             .for_each(|(r, (yr, xr))| {
                 let (mean, rstd) = self.stats(xr);
-                for (i, (o, &v)) in yr.iter_mut().zip(xr).enumerate() {
-                    let p = self.param(r, i);
-                    let g = gamma.map_or(T::ONE, |g| g[p]);
-                    let b = beta.map_or(T::ZERO, |b| b[p]);
-                    *o = (v - mean) * rstd * g + b;
+                let (g, b) = (
+                    self.row_params(r, gamma, &ones),
+                    self.row_params(r, beta, &zeros),
+                );
+                // y = (x - mean) * rstd * gamma + beta: an element at a time where each has its
+                // own parameters (layer and RMS norm), else a run of `per` at a time.
+                if self.per == 1 {
+                    for (((o, &v), &gi), &bi) in yr.iter_mut().zip(xr).zip(g).zip(b) {
+                        *o = (v - mean) * rstd * gi + bi;
+                    }
+                    return;
+                }
+                for (((yc, xc), &gi), &bi) in yr
+                    .chunks_mut(self.per)
+                    .zip(xr.chunks(self.per))
+                    .zip(g)
+                    .zip(b)
+                {
+                    let a = rstd * gi;
+                    yc.iter_mut()
+                        .zip(xc)
+                        .for_each(|(o, &v)| *o = (v - mean) * a + bi);
                 }
             });
         y
@@ -64,40 +128,83 @@ impl Rows {
         gamma: Option<&[T]>,
         dy: &[T],
     ) -> (Vec<T>, Vec<T>, Vec<T>) {
-        let nparams = self.blocks * self.n / self.per;
-        let mut dx = vec![T::ZERO; x.len()];
+        let (nparams, row_params) = (self.blocks * self.n / self.per, self.n / self.per);
+        let mut dx = super::zeros::<T>(x.len());
         let n = T::of(self.n as f64);
-        let stats: Vec<(T, T)> = dx
-            .par_chunks_mut(self.n)
-            .zip(x.par_chunks(self.n).zip(dy.par_chunks(self.n)))
-            .enumerate()
-            .map(|(r, (dxr, (xr, dyr)))| {
+        let ones = vec![T::ONE; row_params];
+        // Row r's dx, and its parameter gradients added to (dgamma, dbeta).
+        let row_backward =
+            |dgamma: &mut [T], dbeta: &mut [T], r: usize, dxr: &mut [T], xr: &[T], dyr: &[T]| {
                 let (mean, rstd) = self.stats(xr);
-                let g = |i: usize| gamma.map_or(T::ONE, |g| g[self.param(r, i)]);
+                let g = self.row_params(r, gamma, &ones);
+                let p0 = self.first_param(r);
                 // With xhat = (x - mean) * rstd and dxhat = dy * gamma:
                 // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).
+                // A parameter's sum(dy) and sum(dy * xhat) are its bias and scale gradients.
+                let stat_means =
+                    |s1: T, s2: T| (if self.center { s1 / n } else { T::ZERO }, s2 / n);
+                if self.per == 1 {
+                    // An element a parameter: dxhat is kept in dx until dx is known.
+                    let (dg, db) = (&mut dgamma[p0..p0 + self.n], &mut dbeta[p0..p0 + self.n]);
+                    for (((((o, &v), &d), &gi), dgi), dbi) in
+                        dxr.iter_mut().zip(xr).zip(dyr).zip(g).zip(dg).zip(db)
+                    {
+                        *o = d * gi;
+                        *dgi += d * (v - mean) * rstd;
+                        *dbi += d;
+                    }
+                    let s1 = T::of(sum_f64(dxr, |dh| dh));
+                    let s2 = T::of(sum2_f64(xr, dxr, |v, dh| dh * (v - mean))) * rstd;
+                    let (m1, m2) = stat_means(s1, s2);
+                    for (o, &v) in dxr.iter_mut().zip(xr) {
+                        *o = rstd * (*o - m1 - (v - mean) * rstd * m2);
+                    }
+                    return;
+                }
                 let (mut s1, mut s2) = (T::ZERO, T::ZERO);
-                for (i, (&v, &d)) in xr.iter().zip(dyr).enumerate() {
-                    let dxh = d * g(i);
-                    s1 += dxh;
-                    s2 += dxh * (v - mean) * rstd;
+                for (j, (xc, dyc)) in xr.chunks(self.per).zip(dyr.chunks(self.per)).enumerate() {
+                    let sd = T::of(sum_f64(dyc, |d| d));
+                    let sdx = T::of(sum2_f64(xc, dyc, |v, d| d * (v - mean))) * rstd;
+                    s1 += g[j] * sd;
+                    s2 += g[j] * sdx;
+                    dbeta[p0 + j] += sd;
+                    dgamma[p0 + j] += sdx;
                 }
-                let m1 = if self.center { s1 / n } else { T::ZERO };
-                let m2 = s2 / n;
-                for (i, (o, (&v, &d))) in dxr.iter_mut().zip(xr.iter().zip(dyr)).enumerate() {
-                    *o = rstd * (d * g(i) - m1 - (v - mean) * rstd * m2);
+                let (m1, m2) = stat_means(s1, s2);
+                for (((dxc, xc), dyc), &gi) in dxr
+                    .chunks_mut(self.per)
+                    .zip(xr.chunks(self.per))
+                    .zip(dyr.chunks(self.per))
+                    .zip(g)
+                {
+                    for (o, (&v, &d)) in dxc.iter_mut().zip(xc.iter().zip(dyc)) {
+                        *o = rstd * (d * gi - m1 - (v - mean) * rstd * m2);
+                    }
                 }
-                (mean, rstd)
+            };
+        // Rows go in runs of `run` (at least ROW_RUN elements); each run sums its rows' parameter
+        // gradients, and the runs' sums are added in order: the same summation order on any
+        // number of threads, so that training stays bit-reproducible.
+        let run = ROW_RUN.div_ceil(self.n).max(1);
+        let per_run: Vec<(Vec<T>, Vec<T>)> = dx
+            .par_chunks_mut(self.n * run)
+            .zip(x.par_chunks(self.n * run).zip(dy.par_chunks(self.n * run)))
+            .enumerate()
+            .map(|(k, (dxk, (xk, dyk)))| {
+                let (mut dg, mut db) = (vec![T::ZERO; nparams], vec![T::ZERO; nparams]);
+                let rows = dxk
+                    .chunks_mut(self.n)
+                    .zip(xk.chunks(self.n).zip(dyk.chunks(self.n)));
+                for (i, (dxr, (xr, dyr))) in rows.enumerate() {
+                    row_backward(&mut dg, &mut db, k * run + i, dxr, xr, dyr);
+                }
+                (dg, db)
             })
             .collect();
         let (mut dgamma, mut dbeta) = (vec![T::ZERO; nparams], vec![T::ZERO; nparams]);
-        for (r, (xr, dyr)) in x.chunks(self.n).zip(dy.chunks(self.n)).enumerate() {
-            let (mean, rstd) = stats[r];
-            for (i, (&v, &d)) in xr.iter().zip(dyr).enumerate() {
-                let p = self.param(r, i);
-                dgamma[p] += d * (v - mean) * rstd;
-                dbeta[p] += d;
-            }
+        for (g, b) in &per_run {
+            dgamma.iter_mut().zip(g).for_each(|(a, &v)| *a += v);
+            dbeta.iter_mut().zip(b).for_each(|(a, &v)| *a += v);
         }
         (dx, dgamma, dbeta)
     }

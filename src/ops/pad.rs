@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::float_dispatch;
 use super::resize::{planes, with_hw};
-use crate::{Error, Float, Result, Tensor};
+use crate::{Error, Result, Tensor};
 
 /// Zeros added on each side of the last two dims (torch's `F.pad(x, (left, right, top, bottom))`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub fn pad2d(x: &Tensor, p: Pad2d) -> Result<Tensor> {
     crate::cuda::kernel_dispatch!([BF16, F32] x, m => crate::cuda::elementwise::pad2d(m, x, p));
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
-        let mut y = vec![T::ZERO; n * ho * wo];
+        let mut y = super::zeros::<T>(n * ho * wo);
         if h * w > 0 {
             y.par_chunks_mut(ho * wo).zip(xv.par_chunks(h * w)).for_each(|(yp, xp)| {
                 for (i, row) in xp.chunks(w).enumerate() {
@@ -51,7 +51,7 @@ pub fn pad2d_backward(dy: &Tensor, p: Pad2d) -> Result<Tensor> {
     let (h, w) = (ho - p.top - p.bottom, wo - p.left - p.right);
     float_dispatch!(OP, dy.dtype(), T => {
         let dv = dy.slice::<T>(OP)?;
-        let mut dx = vec![T::ZERO; n * h * w];
+        let mut dx = super::zeros::<T>(n * h * w);
         if h * w > 0 {
             dx.par_chunks_mut(h * w).zip(dv.par_chunks(ho * wo)).for_each(|(xp, yp)| {
                 for (i, row) in xp.chunks_mut(w).enumerate() {

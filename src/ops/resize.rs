@@ -36,7 +36,7 @@ pub fn upsample_nearest2x(x: &Tensor) -> Result<Tensor> {
     crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::upsample_nearest2x(m, x));
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
-        let mut y = vec![T::ZERO; xv.len() * 4];
+        let mut y = super::zeros::<T>(xv.len() * 4);
         y.par_chunks_mut(4 * h * w).zip(xv.par_chunks(h * w)).for_each(|(yp, xp)| {
             for (i, row) in yp.chunks_mut(2 * w).enumerate() {
                 let src = &xp[(i / 2) * w..(i / 2 + 1) * w];
@@ -61,7 +61,7 @@ pub fn upsample_nearest2x_backward(dy: &Tensor) -> Result<Tensor> {
     crate::cuda::kernel_dispatch!(dy, m => crate::cuda::elementwise::upsample_nearest2x_backward(m, dy));
     float_dispatch!(OP, dy.dtype(), T => {
         let dv = dy.slice::<T>(OP)?;
-        let mut dx = vec![T::ZERO; dv.len() / 4];
+        let mut dx = super::zeros::<T>(dv.len() / 4);
         dx.par_chunks_mut(h * w).zip(dv.par_chunks(h2 * w2)).for_each(|(xp, yp)| {
             for (i, row) in yp.chunks(w2).enumerate() {
                 for (j, &g) in row.iter().enumerate() {
@@ -109,7 +109,7 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
     let (ty, tx) = (taps(h, out_h), taps(w, out_w));
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
-        let mut y = vec![T::ZERO; xv.len() / (h * w) * out_h * out_w];
+        let mut y = super::zeros::<T>(xv.len() / (h * w) * out_h * out_w);
         y.par_chunks_mut(out_h * out_w).zip(xv.par_chunks(h * w)).for_each(|(yp, xp)| {
             for (oy, &(y0, y1, wy0, wy1)) in ty.iter().enumerate() {
                 for (ox, &(x0, x1, wx0, wx1)) in tx.iter().enumerate() {
@@ -132,7 +132,7 @@ pub fn resize_bilinear_backward(dy: &Tensor, in_h: usize, in_w: usize) -> Result
     let (ty, tx) = (taps(in_h, oh), taps(in_w, ow));
     float_dispatch!(OP, dy.dtype(), T => {
         let dv = dy.slice::<T>(OP)?;
-        let mut dx = vec![T::ZERO; dv.len() / (oh * ow) * in_h * in_w];
+        let mut dx = super::zeros::<T>(dv.len() / (oh * ow) * in_h * in_w);
         dx.par_chunks_mut(in_h * in_w).zip(dv.par_chunks(oh * ow)).for_each(|(xp, yp)| {
             for (oy, &(y0, y1, wy0, wy1)) in ty.iter().enumerate() {
                 for (ox, &(x0, x1, wx0, wx1)) in tx.iter().enumerate() {
