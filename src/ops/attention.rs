@@ -9,16 +9,16 @@
 //! maps flows to the queries and keys without any hook.
 //!
 //! On the CPU the work is shared out as (head, block of query rows) tasks, not whole heads: SD2.1's
-//! first level has 5 heads, which 2 threads would split 3 to 2. The softmax is `Float`'s
-//! (vectorised for f32), applied to the raw logits with the scale folded in.
+//! first level has 5 heads, which 2 threads would split 3 to 2. A block's logits are stored
+//! key-major (see `by_columns`), so the GEMMs read K and V as stored; the softmax runs down the
+//! keys with the scale folded in, its exponentials through `Float::exp_in_place` (vectorised for
+//! f32).
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::activation::softmax_row_backward_in_place;
-use super::linalg::{gemm_with, Layout};
-use super::shape::transpose_batched;
+use super::linalg::{gemm_strided_with, Strided, StridedMut};
 use super::{expect_rank, float_dispatch, same_dtype};
 use crate::{Error, Float, Result, Tensor};
 
@@ -108,44 +108,129 @@ pub(crate) fn check_capture(op: &'static str, c: &Capture, lk: usize) -> Result<
     Ok(())
 }
 
-/// Raw logits of a block of query rows: s = q_rows @ kt, (rows, Lk), from the keys transposed,
-/// kt (D, Lk); the softmax applies the scale.
-fn logits<T: Float>(q_rows: &[T], kt: &[T], rows: usize, dm: &Dims, s: &mut [T]) {
-    gemm_with(
+/// A block's (rows, Lk) matrices (logits, probabilities, their gradients) are stored key-major:
+/// entry (query i, key j) at `j * rows + i`. Then every GEMM reads K and V as they are stored,
+/// (Lk, D) row-major, without packing them: the GEMM packs an operand whose k-steps are not
+/// contiguous, and in query-major order K, V, P and dS all were, 7 MB of packing per block of
+/// 128 rows at 4096 keys (a sixth of the backward). The softmaxes run down the keys, the queries
+/// side by side.
+///
+/// `by_columns(m, ld)`: a matrix stored by columns, as [`by_columns_mut`].
+fn by_columns<T>(m: &[T], ld: usize) -> Strided<'_, T> {
+    Strided::rows(m, ld).t()
+}
+
+/// A matrix stored by columns, `ld` apart: a key-major block (`ld` = rows), or the transpose of
+/// a row-major (L, D) matrix (`ld` = D).
+fn by_columns_mut<T>(m: &mut [T], ld: usize) -> StridedMut<'_, T> {
+    StridedMut {
+        data: m,
+        rs: 1,
+        cs: ld,
+    }
+}
+
+/// Raw logits of a block of query rows, key-major: s = q_rows @ k^T; the softmax applies the
+/// scale.
+fn logits<T: Float>(q_rows: &[T], kh: &[T], rows: usize, dm: &Dims, s: &mut [T]) {
+    gemm_strided_with(
         rows,
         dm.lk,
         dm.d,
-        q_rows,
-        Layout::N,
-        kt,
-        Layout::N,
-        s,
+        Strided::rows(q_rows, dm.d),
+        by_columns(kh, dm.d),
+        by_columns_mut(s, rows),
         false,
-        Some(false),
+        false,
     );
 }
 
-/// softmax(scale * row) over the keys query `r` sees (with `causal`, keys 0..=r), in place; the
-/// masked keys get probability 0.
-fn softmax_visible<T: Float>(row: &mut [T], r: usize, scale: T, causal: bool) {
-    let seen = if causal {
-        (r + 1).min(row.len())
-    } else {
-        row.len()
-    };
-    let (seen, masked) = row.split_at_mut(seen);
-    T::softmax_scaled(seen, scale);
-    masked.fill(T::ZERO);
+/// The key-major rows of `m` (rows queries a key) for keys `keys`, each with the first query
+/// that sees its key (with `causal`, query r0 + i sees keys 0..=r0 + i).
+fn visible<T>(
+    m: &mut [T],
+    rows: usize,
+    keys: Range<usize>,
+    r0: usize,
+    causal: bool,
+) -> impl Iterator<Item = (usize, &mut [T])> {
+    m[keys.start * rows..keys.end * rows]
+        .chunks_mut(rows.max(1))
+        .zip(keys)
+        .map(move |(kr, j)| {
+            let first = if causal {
+                j.saturating_sub(r0).min(rows)
+            } else {
+                0
+            };
+            (first, kr)
+        })
 }
 
-/// The probabilities of a block of query rows (the first at row `r0`), in `s` (rows, Lk):
-/// softmax(scale * q_rows kt) over the keys each row sees. With `cols` (a capture over its own
-/// columns, FLUX), also each row's softmax(scale * logits[cols]) in `sub` (rows, cols.len()).
-/// The forward and the backward's recomputation share it.
+/// softmax(scale * logits) over keys `keys` for each query of a key-major (rows, Lk) block, in
+/// place; a query's masked keys (`causal`) get probability 0. Vectorised across the queries,
+/// with `Float::exp_in_place` on each key's row.
+fn softmax_keys<T: Float>(
+    m: &mut [T],
+    rows: usize,
+    keys: Range<usize>,
+    scale: T,
+    r0: usize,
+    causal: bool,
+) {
+    let mut top = vec![T::NEG_INFINITY; rows];
+    for (first, kr) in visible(m, rows, keys.clone(), r0, causal) {
+        for (t, &x) in top[first..].iter_mut().zip(&kr[first..]) {
+            *t = t.max(scale * x);
+        }
+    }
+    let mut sum = vec![T::ZERO; rows];
+    for (first, kr) in visible(m, rows, keys.clone(), r0, causal) {
+        kr[..first].fill(T::NEG_INFINITY);
+        for (x, &t) in kr[first..].iter_mut().zip(&top[first..]) {
+            *x = scale * *x - t;
+        }
+        T::exp_in_place(kr);
+        sum.iter_mut().zip(kr.iter()).for_each(|(s, &e)| *s += e);
+    }
+    sum.iter_mut().for_each(|s| *s = T::ONE / *s);
+    for kr in m[keys.start * rows..keys.end * rows].chunks_mut(rows.max(1)) {
+        kr.iter_mut().zip(&sum).for_each(|(p, &inv)| *p *= inv);
+    }
+}
+
+/// The gradient of softmax(scale * x) over keys `keys` at x, from its key-major probabilities
+/// `p` and the gradient `g` on them (in place): g <- scale * p * (g - sum_keys(g * p)).
+fn softmax_keys_backward<T: Float>(
+    p: &[T],
+    g: &mut [T],
+    rows: usize,
+    keys: Range<usize>,
+    scale: T,
+) {
+    let span = keys.start * rows..keys.end * rows;
+    let (p, g) = (&p[span.clone()], &mut g[span]);
+    let mut dot = vec![T::ZERO; rows];
+    for (pr, gr) in p.chunks(rows.max(1)).zip(g.chunks(rows.max(1))) {
+        for ((d, &pi), &gi) in dot.iter_mut().zip(pr).zip(gr) {
+            *d += pi * gi;
+        }
+    }
+    for (pr, gr) in p.chunks(rows.max(1)).zip(g.chunks_mut(rows.max(1))) {
+        for ((gi, &pi), &d) in gr.iter_mut().zip(pr).zip(&dot) {
+            *gi = scale * pi * (*gi - d);
+        }
+    }
+}
+
+/// The probabilities of a block of query rows (the first at row `r0`), key-major in `s`:
+/// softmax(scale * q_rows k^T) over the keys each row sees. With `cols` (a capture over its own
+/// columns, FLUX), also the softmax of the same logits over `cols` alone in `sub` (key-major,
+/// rows a key). The forward and the backward's recomputation share it.
 #[allow(clippy::too_many_arguments)]
 fn probabilities<T: Float>(
     q_rows: &[T],
-    kt: &[T],
+    kh: &[T],
     r0: usize,
     dm: &Dims,
     scale: T,
@@ -154,22 +239,28 @@ fn probabilities<T: Float>(
     s: &mut [T],
     sub: &mut [T],
 ) {
-    let (lk, rows) = (dm.lk.max(1), s.len() / dm.lk.max(1));
-    logits(q_rows, kt, rows, dm, s);
+    let rows = s.len() / dm.lk.max(1);
+    logits(q_rows, kh, rows, dm, s);
     if let Some(cols) = cols {
-        for (row, out) in s.chunks(lk).zip(sub.chunks_mut(cols.len().max(1))) {
-            out.copy_from_slice(&row[cols.clone()]);
-            T::softmax_scaled(out, scale);
-        }
+        sub.copy_from_slice(&s[cols.start * rows..cols.end * rows]);
+        softmax_keys(sub, rows, 0..cols.len(), scale, 0, false);
     }
-    s.chunks_mut(lk)
-        .enumerate()
-        .for_each(|(i, row)| softmax_visible(row, r0 + i, scale, causal));
+    softmax_keys(s, rows, 0..dm.lk, scale, r0, causal);
 }
 
-/// A word's map value: the mean of its columns' probabilities (`probs` starts at column `c0`).
-fn word_mean<T: Float>(word: &[usize], probs: &[T], c0: usize) -> T {
-    word.iter().map(|&j| probs[j - c0]).sum::<T>() / T::of(word.len() as f64)
+/// Each word's map over a block: the mean of its columns' probabilities, from key-major
+/// probabilities `probs` whose first key is column `c0`; (words, rows).
+fn word_maps<T: Float>(words: &[Vec<usize>], probs: &[T], rows: usize, c0: usize) -> Vec<T> {
+    let mut maps = vec![T::ZERO; words.len() * rows];
+    for (word, mw) in words.iter().zip(maps.chunks_mut(rows.max(1))) {
+        for &j in word {
+            let pj = &probs[(j - c0) * rows..(j - c0 + 1) * rows];
+            mw.iter_mut().zip(pj).for_each(|(m, &p)| *m += p);
+        }
+        let inv = T::ONE / T::of(word.len() as f64);
+        mw.iter_mut().for_each(|m| *m *= inv);
+    }
+    maps
 }
 
 /// softmax(q k^T * scale) v, with optional capture. Host tensors (f32, f64) run on the CPU;
@@ -234,23 +325,20 @@ fn attention_impl(
     float_dispatch!(OP, q.dtype(), T => {
         let (qv, kv, vv) = (q.slice::<T>(OP)?, k.slice::<T>(OP)?, v.slice::<T>(OP)?);
         let blocks = dm.lq.div_ceil(ROWS);
-        // K transposed per head, (D, Lk): the GEMMs then pack it with contiguous copies, not
-        // strided gathers (a fifth of the time at 4096 keys, repeated for every row block).
-        let kt = transpose_batched(kv, dm.lk, dm.d);
         // One task a (head, block of query rows): its output rows and its maps (words, rows).
         let done: Vec<(Vec<T>, Vec<T>)> = (0..dm.b * dm.h * blocks)
             .into_par_iter()
             .map(|t| {
                 let (bh, r0) = (t / blocks, t % blocks * ROWS);
                 let rows = ROWS.min(dm.lq - r0);
-                let kth = &kt[bh * dm.lk * dm.d..(bh + 1) * dm.lk * dm.d];
+                let kh = &kv[bh * dm.lk * dm.d..(bh + 1) * dm.lk * dm.d];
                 let vh = &vv[bh * dm.lk * dm.dv..(bh + 1) * dm.lk * dm.dv];
                 let qb = &qv[(bh * dm.lq + r0) * dm.d..(bh * dm.lq + r0 + rows) * dm.d];
-                forward_block(qb, kth, vh, r0, rows, &dm, T::of(scale), capture, causal)
+                forward_block(qb, kh, vh, r0, rows, &dm, T::of(scale), capture, causal)
             })
             .collect();
-        let mut out = vec![T::ZERO; dm.b * dm.h * dm.lq * dm.dv];
-        let mut m = vec![T::ZERO; dm.b * nw * dm.h * dm.lq];
+        let mut out = super::zeros::<T>(dm.b * dm.h * dm.lq * dm.dv);
+        let mut m = super::zeros::<T>(dm.b * nw * dm.h * dm.lq);
         for (t, (o, bm)) in done.iter().enumerate() {
             let (bh, r0) = (t / blocks, t % blocks * ROWS);
             let rows = o.len() / dm.dv.max(1);
@@ -271,13 +359,12 @@ fn attention_impl(
     })
 }
 
-/// One block of `rows` query rows (starting at row `r0`) of one head, from its queries, keys
-/// transposed (D, Lk) and values: its output (rows, Dv) and, with a capture, its maps (words,
-/// rows).
+/// One block of `rows` query rows (starting at row `r0`) of one head, from its queries, keys and
+/// values: its output (rows, Dv) and, with a capture, its maps (words, rows).
 #[allow(clippy::too_many_arguments)]
 fn forward_block<T: Float>(
     qb: &[T],
-    kt: &[T],
+    kh: &[T],
     vh: &[T],
     r0: usize,
     rows: usize,
@@ -289,32 +376,22 @@ fn forward_block<T: Float>(
     let cols = capture.and_then(|c| c.softmax_cols.as_ref());
     let ncols = cols.map_or(0, |c| c.len());
     let (mut s, mut sub) = (vec![T::ZERO; rows * dm.lk], vec![T::ZERO; rows * ncols]);
-    probabilities(qb, kt, r0, dm, scale, causal, cols, &mut s, &mut sub);
-    let nw = capture.map_or(0, |c| c.words.len());
-    let mut maps = vec![T::ZERO; nw * rows];
-    if let Some(c) = capture {
-        for i in 0..rows {
-            let (probs, c0) = match cols {
-                Some(cols) => (&sub[i * ncols..(i + 1) * ncols], cols.start),
-                None => (&s[i * dm.lk..(i + 1) * dm.lk], 0),
-            };
-            for (w, word) in c.words.iter().enumerate() {
-                maps[w * rows + i] = word_mean(word, probs, c0);
-            }
-        }
-    }
+    probabilities(qb, kh, r0, dm, scale, causal, cols, &mut s, &mut sub);
+    let maps = match (capture, cols) {
+        (None, _) => Vec::new(),
+        (Some(c), Some(cols)) => word_maps(&c.words, &sub, rows, cols.start),
+        (Some(c), None) => word_maps(&c.words, &s, rows, 0),
+    };
     let mut out = vec![T::ZERO; rows * dm.dv];
-    gemm_with(
+    gemm_strided_with(
         rows,
         dm.dv,
         dm.lk,
-        &s,
-        Layout::N,
-        vh,
-        Layout::N,
-        &mut out,
+        by_columns(&s, rows),
+        Strided::rows(vh, dm.dv),
+        StridedMut::rows(&mut out, dm.dv),
         false,
-        Some(false),
+        false,
     );
     (out, maps)
 }
@@ -365,20 +442,18 @@ pub(crate) fn check_backward_shapes(
     Ok(())
 }
 
-/// One head's operands: (Lq, D) queries, (Lk, D) keys and (D, Lk) transposed, (Dv, Lk) values
-/// transposed, (Lq, Dv) output gradient; `bh` = b * H + h.
+/// One head's operands: (Lq, D) queries, (Lk, D) keys, (Lk, Dv) values, (Lq, Dv) output
+/// gradient; `bh` = b * H + h.
 struct Head<'a, T> {
     q: &'a [T],
     k: &'a [T],
-    kt: &'a [T],
-    vt: &'a [T],
+    v: &'a [T],
     dout: &'a [T],
     bh: usize,
 }
 
-/// A backward task's results: dQ of its rows, and its rows' share of dK and dV, transposed
-/// ((D, Lk) and (Dv, Lk): the GEMMs then read P and dS without a strided gather); empty without
-/// `kv_grads`.
+/// A backward task's results: dQ of its rows, and its rows' share of dK (Lk, D) and dV (Lk, Dv);
+/// empty without `kv_grads`.
 struct BackwardPart<T> {
     dq: Vec<T>,
     dk: Vec<T>,
@@ -401,108 +476,101 @@ fn backward_rows<T: Float>(
         dk: vec![T::ZERO; if kv_grads { dm.lk * dm.d } else { 0 }],
         dv: vec![T::ZERO; if kv_grads { dm.lk * dm.dv } else { 0 }],
     };
-    let lk = dm.lk.max(1);
     let block = ROWS.min(rr.len());
     let (mut s, mut dp) = (vec![T::ZERO; block * dm.lk], vec![T::ZERO; block * dm.lk]);
     let cols = maps.and_then(|(c, _)| c.softmax_cols.as_ref());
     let ncols = cols.map_or(0, |c| c.len());
-    let (mut sub, mut gsub) = (vec![T::ZERO; block * ncols], vec![T::ZERO; ncols]);
+    let (mut sub, mut gsub) = (vec![T::ZERO; block * ncols], vec![T::ZERO; block * ncols]);
     let (b, h) = (hd.bh / dm.h, hd.bh % dm.h);
     for r0 in rr.clone().step_by(ROWS) {
         let rows = ROWS.min(rr.end - r0);
         let (s, dp) = (&mut s[..rows * dm.lk], &mut dp[..rows * dm.lk]);
+        let (sub, gsub) = (&mut sub[..rows * ncols], &mut gsub[..rows * ncols]);
         let qb = &hd.q[r0 * dm.d..(r0 + rows) * dm.d];
-        probabilities(qb, hd.kt, r0, dm, scale, causal, cols, s, &mut sub);
+        probabilities(qb, hd.k, r0, dm, scale, causal, cols, s, sub);
         let dor = &hd.dout[r0 * dm.dv..(r0 + rows) * dm.dv];
         if kv_grads {
-            gemm_with(
+            // dV^T (Dv, Lk) += dO^T P, written as dV (Lk, Dv).
+            gemm_strided_with(
                 dm.dv,
                 dm.lk,
                 rows,
-                dor,
-                Layout::T,
-                s,
-                Layout::N,
-                &mut part.dv,
+                by_columns(dor, dm.dv),
+                by_columns(s, rows),
+                by_columns_mut(&mut part.dv, dm.dv),
                 true,
-                Some(false),
+                false,
             );
         }
         // dP = dO V^T; the maps' gradient joins it on the words' columns (maps over all keys)
         // or goes through their own softmax (maps over `cols`); then dS, overwriting dP.
-        gemm_with(
+        gemm_strided_with(
             rows,
             dm.lk,
             dm.dv,
-            dor,
-            Layout::N,
-            hd.vt,
-            Layout::N,
-            dp,
+            Strided::rows(dor, dm.dv),
+            by_columns(hd.v, dm.dv),
+            by_columns_mut(dp, rows),
             false,
-            Some(false),
+            false,
         );
-        for (i, (p, g)) in s.chunks(lk).zip(dp.chunks_mut(lk)).enumerate() {
-            let Some((c, dmaps)) = maps else {
-                softmax_row_backward_in_place(p, g, scale);
-                continue;
-            };
-            let nw = c.words.len();
-            let word_grad = |w: usize| {
-                dmaps[((b * nw + w) * dm.h + h) * dm.lq + r0 + i] / T::of(c.words[w].len() as f64)
-            };
-            match cols {
-                None => {
+        match maps {
+            None => softmax_keys_backward(s, dp, rows, 0..dm.lk, scale),
+            Some((c, dmaps)) => {
+                // Each word's gradient spread over its columns, added to `g` (key-major, its
+                // first key at column c0).
+                let spread = |g: &mut [T], c0: usize| {
+                    let nw = c.words.len();
                     for (w, word) in c.words.iter().enumerate() {
-                        let gw = word_grad(w);
-                        word.iter().for_each(|&j| g[j] += gw);
+                        let at = ((b * nw + w) * dm.h + h) * dm.lq + r0;
+                        let gw = &dmaps[at..at + rows];
+                        let inv = T::ONE / T::of(word.len() as f64);
+                        for &j in word {
+                            let gj = &mut g[(j - c0) * rows..(j - c0 + 1) * rows];
+                            gj.iter_mut().zip(gw).for_each(|(a, &d)| *a += d * inv);
+                        }
                     }
-                    softmax_row_backward_in_place(p, g, scale);
-                }
-                Some(cols) => {
-                    softmax_row_backward_in_place(p, g, scale);
-                    gsub.fill(T::ZERO);
-                    for (w, word) in c.words.iter().enumerate() {
-                        let gw = word_grad(w);
-                        word.iter().for_each(|&j| gsub[j - cols.start] += gw);
+                };
+                match cols {
+                    None => {
+                        spread(dp, 0);
+                        softmax_keys_backward(s, dp, rows, 0..dm.lk, scale);
                     }
-                    softmax_row_backward_in_place(
-                        &sub[i * ncols..(i + 1) * ncols],
-                        &mut gsub,
-                        scale,
-                    );
-                    g[cols.clone()]
-                        .iter_mut()
-                        .zip(&gsub)
-                        .for_each(|(a, &b)| *a += b);
+                    Some(cols) => {
+                        softmax_keys_backward(s, dp, rows, 0..dm.lk, scale);
+                        gsub.fill(T::ZERO);
+                        spread(gsub, cols.start);
+                        softmax_keys_backward(sub, gsub, rows, 0..ncols, scale);
+                        dp[cols.start * rows..cols.end * rows]
+                            .iter_mut()
+                            .zip(gsub.iter())
+                            .for_each(|(a, &g)| *a += g);
+                    }
                 }
             }
         }
         let dq = &mut part.dq[(r0 - rr.start) * dm.d..(r0 - rr.start + rows) * dm.d];
-        gemm_with(
+        gemm_strided_with(
             rows,
             dm.d,
             dm.lk,
-            dp,
-            Layout::N,
-            hd.k,
-            Layout::N,
-            dq,
+            by_columns(dp, rows),
+            Strided::rows(hd.k, dm.d),
+            StridedMut::rows(dq, dm.d),
             false,
-            Some(false),
+            false,
         );
         if kv_grads {
-            gemm_with(
+            // dK^T (D, Lk) += Q^T dS, written as dK (Lk, D).
+            gemm_strided_with(
                 dm.d,
                 dm.lk,
                 rows,
-                qb,
-                Layout::T,
-                dp,
-                Layout::N,
-                &mut part.dk,
+                by_columns(qb, dm.d),
+                by_columns(dp, rows),
+                by_columns_mut(&mut part.dk, dm.d),
                 true,
-                Some(false),
+                false,
             );
         }
     }
@@ -542,7 +610,6 @@ fn attention_backward_impl(
             blocks.max(1)
         };
         let task_rows = blocks.div_ceil(split) * ROWS;
-        let (kt, vt) = (transpose_batched(kv, dm.lk, dm.d), transpose_batched(vv, dm.lk, dm.dv));
         let done: Vec<BackwardPart<T>> = (0..dm.b * dm.h * split)
             .into_par_iter()
             .map(|t| {
@@ -551,8 +618,7 @@ fn attention_backward_impl(
                 let head = Head {
                     q: &qv[bh * dm.lq * dm.d..(bh + 1) * dm.lq * dm.d],
                     k: &kv[bh * dm.lk * dm.d..(bh + 1) * dm.lk * dm.d],
-                    kt: &kt[bh * dm.lk * dm.d..(bh + 1) * dm.lk * dm.d],
-                    vt: &vt[bh * dm.lk * dm.dv..(bh + 1) * dm.lk * dm.dv],
+                    v: &vv[bh * dm.lk * dm.dv..(bh + 1) * dm.lk * dm.dv],
                     dout: &dov[bh * dm.lq * dm.dv..(bh + 1) * dm.lq * dm.dv],
                     bh,
                 };
@@ -561,10 +627,10 @@ fn attention_backward_impl(
                 backward_rows(&head, rows, &dm, T::of(scale), maps, kv_grads, causal)
             })
             .collect();
-        let mut dq = vec![T::ZERO; qv.len()];
-        // Per head: the tasks' dK^T and dV^T summed.
-        let (mut dkt, mut dvt) = if kv_grads {
-            (vec![T::ZERO; kv.len()], vec![T::ZERO; vv.len()])
+        let mut dq = super::zeros::<T>(qv.len());
+        // Per head: the tasks' dK and dV summed.
+        let (mut dk, mut dv) = if kv_grads {
+            (super::zeros::<T>(kv.len()), super::zeros::<T>(vv.len()))
         } else {
             (Vec::new(), Vec::new())
         };
@@ -574,11 +640,10 @@ fn attention_backward_impl(
             dq[at..at + part.dq.len()].copy_from_slice(&part.dq);
             if kv_grads {
                 let add = |dst: &mut [T], src: &[T]| dst.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
-                add(&mut dkt[bh * part.dk.len()..(bh + 1) * part.dk.len()], &part.dk);
-                add(&mut dvt[bh * part.dv.len()..(bh + 1) * part.dv.len()], &part.dv);
+                add(&mut dk[bh * part.dk.len()..(bh + 1) * part.dk.len()], &part.dk);
+                add(&mut dv[bh * part.dv.len()..(bh + 1) * part.dv.len()], &part.dv);
             }
         }
-        let (dk, dv) = (transpose_batched(&dkt, dm.d, dm.lk), transpose_batched(&dvt, dm.dv, dm.lk));
         Ok(AttentionGrads {
             dq: Tensor::from_vec(dq, q.shape())?,
             dk: if kv_grads { Some(Tensor::from_vec(dk, k.shape())?) } else { None },

@@ -140,17 +140,6 @@ pub fn permute(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
     Tensor::from_host(data, &shape)
 }
 
-/// `x` as a batch of (rows, cols) row-major matrices, each transposed to (cols, rows): permute's
-/// tiled transpose, for callers holding slices.
-pub(crate) fn transpose_batched<T: Copy + Send + Sync>(
-    x: &[T],
-    rows: usize,
-    cols: usize,
-) -> Vec<T> {
-    let batch = x.len() / (rows * cols).max(1);
-    permuted(x, &coalesce(&[batch, rows, cols], &[0, 2, 1]))
-}
-
 /// The output's dims as (size, input stride), outermost first: size-1 dims dropped, and output
 /// neighbours that are also input neighbours merged. SD2.1's permutes become a row copy
 /// (heads split and merged: runs of the head width) or a batched 2-D transpose (channels to
