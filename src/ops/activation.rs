@@ -41,9 +41,12 @@ fn normal_cdf<T: Float>(x: T) -> T {
     T::of(0.5) * (T::ONE + (x * T::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
 }
 
+/// 1 / sqrt(2 pi), phi(0).
+const INV_SQRT_2PI: f64 = 0.398_942_280_401_432_7;
+
 /// The standard normal's density, phi(x): exact GELU's derivative is Phi(x) + x phi(x).
 fn normal_pdf<T: Float>(x: T) -> T {
-    (T::of(-0.5) * x * x).exp() * T::of(0.398_942_280_401_432_7)
+    (T::of(-0.5) * x * x).exp() * T::of(INV_SQRT_2PI)
 }
 
 /// erfc(z) = t exp(-z^2 + P(t)) with t = 1 / (1 + z/2), for z >= 0: Numerical Recipes' Chebyshev
@@ -95,8 +98,7 @@ fn normal_parts<T: Float>(x: &[T], cdf: &mut [T], pdf: Option<&mut [T]>) {
             .zip(x)
             .for_each(|(p, &v)| *p = T::of(-0.5) * v * v);
         T::exp_in_place(pdf);
-        pdf.iter_mut()
-            .for_each(|p| *p *= T::of(0.398_942_280_401_432_7));
+        pdf.iter_mut().for_each(|p| *p *= T::of(INV_SQRT_2PI));
     }
 }
 

@@ -108,20 +108,20 @@ pub(crate) fn check_capture(op: &'static str, c: &Capture, lk: usize) -> Result<
     Ok(())
 }
 
+/// A matrix stored by columns, `ld` apart: a key-major block (`ld` = rows), or the transpose of
+/// a row-major (L, D) matrix (`ld` = D).
+///
 /// A block's (rows, Lk) matrices (logits, probabilities, their gradients) are stored key-major:
 /// entry (query i, key j) at `j * rows + i`. Then every GEMM reads K and V as they are stored,
 /// (Lk, D) row-major, without packing them: the GEMM packs an operand whose k-steps are not
 /// contiguous, and in query-major order K, V, P and dS all were, 7 MB of packing per block of
 /// 128 rows at 4096 keys (a sixth of the backward). The softmaxes run down the keys, the queries
 /// side by side.
-///
-/// `by_columns(m, ld)`: a matrix stored by columns, as [`by_columns_mut`].
 fn by_columns<T>(m: &[T], ld: usize) -> Strided<'_, T> {
     Strided::rows(m, ld).t()
 }
 
-/// A matrix stored by columns, `ld` apart: a key-major block (`ld` = rows), or the transpose of
-/// a row-major (L, D) matrix (`ld` = D).
+/// [`by_columns`], writable.
 fn by_columns_mut<T>(m: &mut [T], ld: usize) -> StridedMut<'_, T> {
     StridedMut {
         data: m,

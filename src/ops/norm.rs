@@ -85,7 +85,7 @@ impl Rows {
 
     fn forward<T: Float>(&self, x: &[T], gamma: Option<&[T]>, beta: Option<&[T]>) -> Vec<T> {
         let mut y = super::zeros::<T>(x.len());
-        let (ones, zeros) = (
+        let (no_gamma, no_beta) = (
             vec![T::ONE; self.n / self.per],
             vec![T::ZERO; self.n / self.per],
         );
@@ -95,8 +95,8 @@ impl Rows {
             .for_each(|(r, (yr, xr))| {
                 let (mean, rstd) = self.stats(xr);
                 let (g, b) = (
-                    self.row_params(r, gamma, &ones),
-                    self.row_params(r, beta, &zeros),
+                    self.row_params(r, gamma, &no_gamma),
+                    self.row_params(r, beta, &no_beta),
                 );
                 // y = (x - mean) * rstd * gamma + beta: an element at a time where each has its
                 // own parameters (layer and RMS norm), else a run of `per` at a time.
@@ -131,12 +131,12 @@ impl Rows {
         let (nparams, row_params) = (self.blocks * self.n / self.per, self.n / self.per);
         let mut dx = super::zeros::<T>(x.len());
         let n = T::of(self.n as f64);
-        let ones = vec![T::ONE; row_params];
+        let no_gamma = vec![T::ONE; row_params];
         // Row r's dx, and its parameter gradients added to (dgamma, dbeta).
         let row_backward =
             |dgamma: &mut [T], dbeta: &mut [T], r: usize, dxr: &mut [T], xr: &[T], dyr: &[T]| {
                 let (mean, rstd) = self.stats(xr);
-                let g = self.row_params(r, gamma, &ones);
+                let g = self.row_params(r, gamma, &no_gamma);
                 let p0 = self.first_param(r);
                 // With xhat = (x - mean) * rstd and dxhat = dy * gamma:
                 // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)).

@@ -46,8 +46,17 @@ impl Timing {
 pub fn time_calls<T>(
     warmup: usize,
     repeats: usize,
-    mut f: impl FnMut() -> steer::Result<T>,
+    f: impl FnMut() -> steer::Result<T>,
 ) -> steer::Result<Timing> {
+    Ok(Timing::of(&call_times(warmup, repeats, f)?))
+}
+
+/// `warmup` untimed calls of `f`, then the wall time of each of `repeats` calls, in seconds.
+pub fn call_times<T>(
+    warmup: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> steer::Result<T>,
+) -> steer::Result<Vec<f64>> {
     for _ in 0..warmup {
         std::hint::black_box(f()?);
     }
@@ -57,7 +66,7 @@ pub fn time_calls<T>(
         std::hint::black_box(f()?);
         times.push(t0.elapsed().as_secs_f64());
     }
-    Ok(Timing::of(&times))
+    Ok(times)
 }
 
 /// Start rayon's global pool with `threads` (default: all cores); the count used.
@@ -150,9 +159,9 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(50);
 ///
 /// Started with turns (the script gets `--turns`), the script stops before each turn (one call,
 /// or a round of calls), prints `READY` and waits for a `go` line, so that its work and ours
-/// alternate: the
-/// speed of this project's shared machines drifts by tens of percent over minutes, and timing
-/// one side after the other put all of that drift on one side. Only one side computes at a time.
+/// alternate: the speed of this project's shared machines drifts by tens of percent over
+/// minutes, and timing one side after the other put all of that drift on one side. Only one side
+/// computes at a time.
 pub struct PythonSide {
     child: Child,
     stdin: Option<ChildStdin>,

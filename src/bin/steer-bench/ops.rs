@@ -13,14 +13,13 @@
 //! with `--no-torch`) it prints our figures alone and says why the baseline is missing.
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use clap::Args;
 use serde_json::{json, Value};
 use steer::ops::{self, Conv2dParams};
 use steer::{DType, Tensor};
 
-use crate::common::{init_threads, load_average, torch_turn, PythonSide, Timing};
+use crate::common::{call_times, init_threads, load_average, torch_turn, PythonSide, Timing};
 
 /// The PyTorch side, embedded so the binary works from any directory.
 const BENCH_OPS_PY: &str = include_str!("../../../tests/reference/bench_ops.py");
@@ -189,18 +188,12 @@ fn time_rounds(
         .enumerate()
     {
         torch_turn(torch);
-        for _ in 0..if r == 0 {
+        let warmup = if r == 0 {
             args.warmup
         } else {
             args.warmup.min(1)
-        } {
-            std::hint::black_box(call()?);
-        }
-        for _ in 0..calls {
-            let t0 = Instant::now();
-            std::hint::black_box(call()?);
-            times.push(t0.elapsed().as_secs_f64());
-        }
+        };
+        times.extend(call_times(warmup, calls, &mut call)?);
     }
     Ok(Timing::of(&times))
 }
