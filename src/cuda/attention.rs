@@ -233,6 +233,7 @@ pub(crate) fn attention<M: Memory>(
         return Ok(AttentionOutput {
             out: m.tensor(out, &[dm.b, dm.h, dm.lq, dm.dv])?,
             maps: None,
+            lse: None,
         });
     }
     let t = Tables::new(m, capture, dm.lk)?;
@@ -244,6 +245,7 @@ pub(crate) fn attention<M: Memory>(
     Ok(AttentionOutput {
         out: m.tensor(f.out, &[dm.b, dm.h, dm.lq, dm.dv])?,
         maps,
+        lse: None,
     })
 }
 

@@ -17,7 +17,8 @@ pub struct Attention {
     pub head_dim: usize,
 }
 
-/// What the backward needs: the inputs, and q, k, v split into heads.
+/// What the backward needs: the inputs, and q, k, v split into heads; and the output by heads
+/// with its log-sum-exps when the forward saved them (`ops::attention_backward_saved`).
 pub struct AttentionSaved {
     x: Tensor,
     context: Option<Tensor>,
@@ -26,6 +27,7 @@ pub struct AttentionSaved {
     v: Tensor,
     merged: Tensor,
     capture: Option<Capture>,
+    out_lse: Option<(Tensor, Tensor)>,
 }
 
 /// (B, L, heads * d) -> (B, heads, L, d).
@@ -92,6 +94,7 @@ impl Attention {
             v,
             merged,
             capture: capture.cloned(),
+            out_lse: o.lse.map(|lse| (o.out, lse)),
         };
         Ok((y, o.maps, saved))
     }
@@ -119,7 +122,19 @@ impl Attention {
             _ => None,
         };
         let self_attn = s.context.is_none();
-        let g = ops::attention_backward(&s.q, &s.k, &s.v, self.scale(), &dout, cap, self_attn)?;
+        let g = match (&s.out_lse, cap) {
+            (Some((out, lse)), None) => ops::attention_backward_saved(
+                &s.q,
+                &s.k,
+                &s.v,
+                self.scale(),
+                out,
+                lse,
+                &dout,
+                self_attn,
+            )?,
+            _ => ops::attention_backward(&s.q, &s.k, &s.v, self.scale(), &dout, cap, self_attn)?,
+        };
         let mut dx = self.to_q.backward(&s.x, &merge_heads(&g.dq)?)?;
         if let (Some(dk), Some(dv)) = (g.dk, g.dv) {
             dx = ops::add(&dx, &self.to_k.backward(&s.x, &merge_heads(&dk)?)?)?;

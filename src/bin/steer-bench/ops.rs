@@ -1,5 +1,6 @@
-//! `steer-bench ops` times the CPU backend's fp32 GEMM (`ops::matmul`) and 3x3 convolution
-//! (`ops::conv2d`) at SD2.1 UNet sizes next to PyTorch on the same shapes with the same thread
+//! `steer-bench ops` times the CPU backend's fp32 GEMM (`ops::matmul`), 3x3 convolution
+//! (`ops::conv2d` and its input gradient) and self-attention (`ops::attention`, and with its
+//! backward) at SD2.1 UNet sizes next to PyTorch on the same shapes with the same thread
 //! count (tests/reference/bench_ops.py, embedded in this binary), and prints both with the ratio
 //! of our time to torch's. Each case's timed calls are split into rounds (`--rounds`), and the two
 //! sides take turns round by round (torch's round, then ours), so a drift in the machine's speed
@@ -66,6 +67,15 @@ enum Kind {
         kernel: usize,
         stride: usize,
         padding: usize,
+        /// The input gradient (`ops::conv2d_backward` without the weight gradient) instead.
+        backward: bool,
+    },
+    /// Self-attention of one image's tokens; `backward`: forward, then dQ, dK and dV.
+    Attention {
+        heads: usize,
+        tokens: usize,
+        head_dim: usize,
+        backward: bool,
     },
 }
 
@@ -74,7 +84,7 @@ struct Case {
     kind: Kind,
 }
 
-const fn conv3x3(name: &'static str, c: usize, hw: usize) -> Case {
+const fn conv3x3(name: &'static str, c: usize, hw: usize, backward: bool) -> Case {
     Case {
         name,
         kind: Kind::Conv {
@@ -86,12 +96,27 @@ const fn conv3x3(name: &'static str, c: usize, hw: usize) -> Case {
             kernel: 3,
             stride: 1,
             padding: 1,
+            backward,
+        },
+    }
+}
+
+/// SD2.1's first-level self-attention (5 heads of 64 over a 64x64 latent's tokens).
+const fn attention(name: &'static str, backward: bool) -> Case {
+    Case {
+        name,
+        kind: Kind::Attention {
+            heads: 5,
+            tokens: 4096,
+            head_dim: 64,
+            backward,
         },
     }
 }
 
 /// SD2.1 UNet at a 64x64 latent: attention / feed-forward projections (tokens x channels) at the
-/// first and last levels, and the ResNet blocks' 3x3 convolutions. The same list as
+/// first and last levels, the ResNet blocks' 3x3 convolutions and their input gradients, and the
+/// first level's self-attention, alone and with its backward. The same list as
 /// bench_ops.py's DEFAULT_CASES (this one is passed to it, so the two cannot drift).
 const CASES: &[Case] = &[
     Case {
@@ -118,8 +143,12 @@ const CASES: &[Case] = &[
             n: 1280,
         },
     },
-    conv3x3("conv3x3 320x64x64", 320, 64),
-    conv3x3("conv3x3 1280x16x16", 1280, 16),
+    conv3x3("conv3x3 320x64x64", 320, 64, false),
+    conv3x3("conv3x3 1280x16x16", 1280, 16, false),
+    conv3x3("conv3x3 320x64x64 dx", 320, 64, true),
+    conv3x3("conv3x3 1280x16x16 dx", 1280, 16, true),
+    attention("attention 5x4096x64", false),
+    attention("attention 5x4096x64 +bwd", true),
 ];
 
 impl Case {
@@ -135,10 +164,22 @@ impl Case {
                 kernel,
                 stride,
                 padding,
+                ..
             } => {
                 let ho = (h + 2 * padding - kernel) / stride + 1;
                 let wo = (w + 2 * padding - kernel) / stride + 1;
                 2.0 * (batch * cout * ho * wo * cin * kernel * kernel) as f64 / 1e9
+            }
+            // QK^T and PV; the backward adds the recomputed QK^T, dP, dV, dQ and dK (as
+            // bench_ops.py's gflop).
+            Kind::Attention {
+                heads,
+                tokens,
+                head_dim,
+                backward,
+            } => {
+                let products = if backward { 7.0 } else { 2.0 };
+                products * 2.0 * (heads * tokens * tokens * head_dim) as f64 / 1e9
             }
         }
     }
@@ -158,9 +199,20 @@ impl Case {
                 kernel,
                 stride,
                 padding,
+                backward,
             } => json!({
                 "name": self.name, "kind": "conv2d", "batch": batch, "cin": cin, "cout": cout,
                 "h": h, "w": w, "kernel": kernel, "stride": stride, "padding": padding,
+                "backward": backward,
+            }),
+            Kind::Attention {
+                heads,
+                tokens,
+                head_dim,
+                backward,
+            } => json!({
+                "name": self.name, "kind": "attention", "heads": heads, "tokens": tokens,
+                "head_dim": head_dim, "backward": backward,
             }),
         }
     }
@@ -219,12 +271,37 @@ fn time_ours(
             kernel,
             stride,
             padding,
+            backward,
         } => {
             let x = Tensor::randn(&[batch, cin, h, w], DType::F32, 1);
             let wt = Tensor::randn(&[cout, cin, kernel, kernel], DType::F32, 2);
             let b = Tensor::randn(&[cout], DType::F32, 3);
             let p = Conv2dParams { stride, padding };
-            time_rounds(args, torch, || ops::conv2d(&x, &wt, Some(&b), p))
+            if !backward {
+                return time_rounds(args, torch, || ops::conv2d(&x, &wt, Some(&b), p));
+            }
+            let y = ops::conv2d(&x, &wt, None, p)?;
+            let dy = Tensor::randn(y.shape(), DType::F32, 4);
+            time_rounds(args, torch, || {
+                Ok(ops::conv2d_backward(&x, &wt, &dy, p, false)?.dx)
+            })
+        }
+        Kind::Attention {
+            heads,
+            tokens,
+            head_dim,
+            backward,
+        } => {
+            let shape = [1, heads, tokens, head_dim];
+            let [q, k, v, dout] = [1, 2, 3, 4].map(|seed| Tensor::randn(&shape, DType::F32, seed));
+            let scale = 1.0 / (head_dim as f64).sqrt();
+            time_rounds(args, torch, || {
+                let out = ops::attention(&q, &k, &v, scale, None)?.out;
+                if !backward {
+                    return Ok(out);
+                }
+                Ok(ops::attention_backward(&q, &k, &v, scale, &dout, None, true)?.dq)
+            })
         }
     }
 }
@@ -305,7 +382,7 @@ pub fn run(args: OpsArgs) -> Result<(), String> {
         Err(why) => println!("baseline: none ({why})"),
     }
     println!(
-        "{:<22} {:>7} {:>9} {:>10} {:>9} {:>10} {:>13} {:>9}",
+        "{:<26} {:>7} {:>9} {:>10} {:>9} {:>10} {:>13} {:>9}",
         "case",
         "GFLOP",
         "ours ms",
@@ -327,7 +404,7 @@ pub fn run(args: OpsArgs) -> Result<(), String> {
         }
         let dash = || "-".to_string();
         println!(
-            "{:<22} {:>7.2} {:>9.2} {:>10.1} {:>9} {:>10} {:>13} {:>9}",
+            "{:<26} {:>7.2} {:>9.2} {:>10.1} {:>9} {:>10} {:>13} {:>9}",
             case.name,
             gflop,
             o.median_s * 1e3,
