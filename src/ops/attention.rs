@@ -62,7 +62,7 @@ pub struct AttentionGrads {
 /// Query rows processed together: bounds the logits block to ROWS x Lk.
 const ROWS: usize = 128;
 
-/// Output columns per GEMM of `key_major_times`: at most 48, the most for which the GEMM reads
+/// Output columns per GEMM of `key_major_gemm`: at most 48, the most for which the GEMM reads
 /// its left operand unpacked; 48 = 8 of its 6-column micro-tiles.
 const PRODUCT_COLUMNS: usize = 48;
 
@@ -373,13 +373,14 @@ fn attention_impl(
         let blocks = dm.lq.div_ceil(ROWS);
         let vt = transposed_heads(vv, dm.b * dm.h, dm.lk, dm.dv);
         // One task a (head, block of query rows): its output rows, its maps (words, rows) and
-        // (online) its rows' log-sum-exps. The logits' room is reused from task to task (not
-        // zeroed: the GEMM overwrites it).
+        // (online) its rows' log-sum-exps. The logits' room (a chunk of keys online, else all of
+        // them) is reused from task to task (not zeroed: the GEMM overwrites it).
         let online = capture.is_none() && !causal && dm.lk > KEY_CHUNK;
+        let keys = if online { KEY_CHUNK } else { dm.lk };
         let done: Vec<(Vec<T>, Vec<T>, Vec<T>)> = (0..dm.b * dm.h * blocks)
             .into_par_iter()
             .map_init(
-                || vec![T::ZERO; ROWS.min(dm.lq) * dm.lk],
+                || vec![T::ZERO; ROWS.min(dm.lq) * keys],
                 |s, t| {
                     let (bh, r0) = (t / blocks, t % blocks * ROWS);
                     let rows = ROWS.min(dm.lq - r0);
@@ -424,7 +425,7 @@ fn attention_impl(
 }
 
 /// Each head's (L, D) matrix of `x` (B*H heads) transposed, (D, L) row-major: the right operand
-/// of [`key_major_times`] (values in the forward, keys for dQ), which the GEMM reads with unit
+/// of [`key_major_gemm`] (values in the forward, keys for dQ), which the GEMM reads with unit
 /// stride down the keys as it is; stored (L, D), stride D down the keys, it would repack it, 1 MB
 /// at 4096 keys, for every block of query rows.
 fn transposed_heads<T: Float>(x: &[T], bh: usize, l: usize, d: usize) -> Vec<Vec<T>> {
@@ -518,9 +519,7 @@ fn forward_block_online<T: Float>(
         let s = &mut s[..rows * keys];
         key_major_product(qb, &kh[k0 * dm.d..], dm.d, s);
         // The new row maxima; the old terms are rescaled by exp(old - new) (0 on the first chunk).
-        for (i, r) in rescale.iter_mut().enumerate() {
-            *r = top[i];
-        }
+        rescale.copy_from_slice(&top);
         for kr in s.chunks(rows) {
             for (t, &x) in top.iter_mut().zip(kr) {
                 *t = t.max(scale * x);
@@ -530,17 +529,15 @@ fn forward_block_online<T: Float>(
             *r -= t;
         }
         T::exp_in_place(&mut rescale);
+        for (sm, &r) in sum.iter_mut().zip(&rescale) {
+            *sm *= r;
+        }
         for kr in s.chunks_mut(rows) {
             for (x, &t) in kr.iter_mut().zip(&top) {
                 *x = scale * *x - t;
             }
             T::exp_in_place(kr);
-        }
-        for (sm, &r) in sum.iter_mut().zip(&rescale) {
-            *sm *= r;
-        }
-        for kr in s.chunks(rows) {
-            sum.iter_mut().zip(kr).for_each(|(sm, &e)| *sm += e);
+            sum.iter_mut().zip(kr.iter()).for_each(|(sm, &e)| *sm += e);
         }
         if k0 > 0 {
             scale_queries(&mut acc, &rescale);
@@ -582,10 +579,7 @@ fn forward_block<T: Float>(
             m
         }
     };
-    let mut out_t = vec![T::ZERO; rows * dm.dv];
-    key_major_gemm(s, rows, vt, dm.lk, dm.dv, &mut out_t, false);
-    let out = rows_from_columns(&out_t, rows, Some(&inv));
-    (out, maps)
+    (key_major_times(s, rows, vt, dm.dv, Some(&inv)), maps)
 }
 
 /// Gradients of `sum(out * dout) + sum(maps * dmaps)` with respect to q (and k, v when

@@ -151,6 +151,12 @@ const CASES: &[Case] = &[
     attention("attention 5x4096x64 +bwd", true),
 ];
 
+/// A convolution's output height and width.
+fn conv_output(h: usize, w: usize, kernel: usize, stride: usize, padding: usize) -> (usize, usize) {
+    let side = |x: usize| (x + 2 * padding - kernel) / stride + 1;
+    (side(h), side(w))
+}
+
 impl Case {
     fn gflop(&self) -> f64 {
         match self.kind {
@@ -166,8 +172,7 @@ impl Case {
                 padding,
                 ..
             } => {
-                let ho = (h + 2 * padding - kernel) / stride + 1;
-                let wo = (w + 2 * padding - kernel) / stride + 1;
+                let (ho, wo) = conv_output(h, w, kernel, stride, padding);
                 2.0 * (batch * cout * ho * wo * cin * kernel * kernel) as f64 / 1e9
             }
             // QK^T and PV; the backward adds the recomputed QK^T, dP, dV, dQ and dK (as
@@ -280,8 +285,8 @@ fn time_ours(
             if !backward {
                 return time_rounds(args, torch, || ops::conv2d(&x, &wt, Some(&b), p));
             }
-            let y = ops::conv2d(&x, &wt, None, p)?;
-            let dy = Tensor::randn(y.shape(), DType::F32, 4);
+            let (ho, wo) = conv_output(h, w, kernel, stride, padding);
+            let dy = Tensor::randn(&[batch, cout, ho, wo], DType::F32, 4);
             time_rounds(args, torch, || {
                 Ok(ops::conv2d_backward(&x, &wt, &dy, p, false)?.dx)
             })
