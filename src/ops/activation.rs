@@ -77,6 +77,25 @@ fn normal_parts<T: Float>(x: &[T], cdf: &mut [T], pdf: Option<&mut [T]>) {
         }
         return;
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::lanes_available() {
+        // SAFETY: the CPU has the features the function is compiled for.
+        return unsafe { erfc_parts_lanes(x, cdf, pdf) };
+    }
+    erfc_parts(x, cdf, pdf)
+}
+
+/// [`erfc_parts`] compiled for AVX2 and FMA: its polynomial then runs 8 lanes wide, not SSE's
+/// 4 (the crate's baseline), which halved a GEGLU's time. Same operations, same results.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn erfc_parts_lanes<T: Float>(x: &[T], cdf: &mut [T], pdf: Option<&mut [T]>) {
+    erfc_parts(x, cdf, pdf)
+}
+
+/// The f32 path of [`normal_parts`].
+#[inline(always)]
+fn erfc_parts<T: Float>(x: &[T], cdf: &mut [T], pdf: Option<&mut [T]>) {
     let half = T::of(0.5);
     let z = |v: T| v.abs() * T::of(std::f64::consts::FRAC_1_SQRT_2);
     let t = |v: T| T::ONE / (T::ONE + half * z(v));
@@ -222,8 +241,9 @@ pub fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
     crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::activation(m, x, act));
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
-        let mut y = super::zeros::<T>(xv.len());
-        y.par_chunks_mut(CHUNK).zip(xv.par_chunks(CHUNK)).for_each(|(yc, xc)| act.apply(xc, yc));
+        let y = super::made_in_chunks(xv.len(), CHUNK, |i, yc: &mut [T]| {
+            act.apply(&xv[i * CHUNK..][..yc.len()], yc)
+        });
         Tensor::from_vec(y, x.shape())
     })
 }
@@ -235,10 +255,10 @@ pub fn activation_backward(x: &Tensor, dy: &Tensor, act: Activation) -> Result<T
     crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::activation_backward(m, x, dy, act));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, dyv) = (x.slice::<T>(OP)?, dy.slice::<T>(OP)?);
-        let mut dx = super::zeros::<T>(xv.len());
-        dx.par_chunks_mut(CHUNK)
-            .zip(xv.par_chunks(CHUNK).zip(dyv.par_chunks(CHUNK)))
-            .for_each(|(o, (xc, dc))| act.apply_backward(xc, dc, o));
+        let dx = super::made_in_chunks(xv.len(), CHUNK, |i, o: &mut [T]| {
+            let at = i * CHUNK..i * CHUNK + o.len();
+            act.apply_backward(&xv[at.clone()], &dyv[at], o)
+        });
         Tensor::from_vec(dx, x.shape())
     })
 }
@@ -263,9 +283,8 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     *shape.last_mut().expect("rank >= 1") = d;
     float_dispatch!(OP, x.dtype(), T => {
         let xv = x.slice::<T>(OP)?;
-        let mut y = super::zeros::<T>(xv.len() / 2);
-        y.par_chunks_mut(d).zip(xv.par_chunks(2 * d)).for_each(|(yr, xr)| {
-            let (h, g) = xr.split_at(d);
+        let y = super::made_in_chunks(xv.len() / 2, d, |r, yr: &mut [T]| {
+            let (h, g) = xv[2 * d * r..2 * d * (r + 1)].split_at(d);
             normal_parts(g, yr, None);
             yr.iter_mut().zip(h.iter().zip(g)).for_each(|(o, (&h, &g))| *o *= h * g);
         });
@@ -289,20 +308,19 @@ pub fn geglu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     crate::cuda::kernel_dispatch!(x, m => crate::cuda::elementwise::geglu_backward(m, x, dy, d));
     float_dispatch!(OP, x.dtype(), T => {
         let (xv, dyv) = (x.slice::<T>(OP)?, dy.slice::<T>(OP)?);
-        let mut dx = super::zeros::<T>(xv.len());
-        dx.par_chunks_mut(2 * d).zip(xv.par_chunks(2 * d).zip(dyv.par_chunks(d))).for_each(
-            |(dxr, (xr, dyr))| {
-                let (h, g) = xr.split_at(d);
-                let (dh, dg) = dxr.split_at_mut(d);
-                // Phi(g) and phi(g) first, in the two halves' places.
-                normal_parts(g, dh, Some(dg));
-                for i in 0..d {
-                    let cdf = dh[i];
-                    dh[i] = dyr[i] * g[i] * cdf;
-                    dg[i] = dyr[i] * h[i] * (cdf + g[i] * dg[i]);
-                }
-            },
-        );
+        let dx = super::made_in_chunks(xv.len(), 2 * d, |r, dxr: &mut [T]| {
+            let (h, g) = xv[2 * d * r..2 * d * (r + 1)].split_at(d);
+            let dyr = &dyv[d * r..d * (r + 1)];
+            let (dh, dg) = dxr.split_at_mut(d);
+            // Phi(g) and phi(g) first, in the two halves' places.
+            normal_parts(g, dh, Some(dg));
+            let terms = dh.iter_mut().zip(dg.iter_mut()).zip(h.iter().zip(g).zip(dyr));
+            for ((dh, dg), ((&h, &g), &dy)) in terms {
+                let cdf = *dh;
+                *dh = dy * g * cdf;
+                *dg = dy * h * (cdf + g * *dg);
+            }
+        });
         Tensor::from_vec(dx, x.shape())
     })
 }

@@ -1,12 +1,17 @@
-//! 2-D convolution (NCHW, square stride and symmetric zero padding, any kernel size) through
-//! im2col and the GEMM. Covers every convolution in SD2.1's UNet and VAE: 3x3 pad 1, 1x1, and
-//! 3x3 stride 2 (downsampling; diffusers pads 1 on every side there).
+//! 2-D convolution (NCHW, square stride and symmetric zero padding, any kernel size) and its
+//! gradients. Covers every convolution in SD2.1's UNet and VAE: 3x3 pad 1, 1x1, and 3x3 stride 2
+//! (downsampling; diffusers pads 1 on every side there). Three routes, by size:
+//! - f32 on planes of 64x64 and more, stride 1 (the forward and the input gradient): the
+//!   direct AVX2 kernel of `conv_direct`;
+//! - other large planes: shifted GEMMs in column tiles ([`Shifted`]);
+//! - small planes and strided convolutions: im2col and one GEMM, a channel group at a time.
 
 use rayon::prelude::*;
 
+use super::conv_direct::DirectConv;
 use super::linalg::{gemm_strided, gemm_strided_with, Strided, StridedMut};
 use super::{expect_rank, float_dispatch, same_dtype};
-use crate::{Error, Float, Result, Tensor};
+use crate::{DType, Error, Float, Result, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Conv2dParams {
@@ -250,7 +255,8 @@ fn col2im<T: Float>(g: &Geometry, col: &[T], dx: &mut [T]) {
 /// then every shifted view is a plain strided matrix (channel stride Hp*Wp, column stride 1).
 /// Same FLOPs as im2col, none of its Cin*kh*kw*Ho*Wo buffer (1.2 GB for a 512 px VAE conv).
 /// Small planes take im2col (`Shifted::takes`): there the buffer is small, and one GEMM reads
-/// the weights as they are stored.
+/// the weights as they are stored. f32 on planes of DIRECT_PLANE or more takes `conv_direct`
+/// instead where the CPU has AVX2: these GEMMs repack the weights for every tile and tap.
 ///
 /// Output columns per parallel tile of `Shifted::tiled`.
 const TILE: usize = 256;
@@ -435,14 +441,14 @@ fn gather_taps<T: Float>(g: &Geometry, w: &[T], flipped: bool) -> Vec<T> {
 }
 
 /// The input gradient of a stride-1 convolution is itself one: of dy, padded by kh-1-pad, with
-/// the kernel turned 180 degrees and its channel roles swapped. Its geometry and its taps (as
-/// [`contiguous_taps`]: tap (i, j) the (Cout, Cin) matrix of the forward's tap (kh-1-i, kw-1-j)),
-/// or None when that is not a plain convolution (a non-square kernel, padding >= its size).
-fn input_gradient_conv<T: Float>(g: &Geometry, w: &[T]) -> Option<(Geometry, Vec<T>)> {
+/// the kernel turned 180 degrees and its channel roles swapped (weight (o, c, tap) of it is the
+/// forward's (c, o, kh*kw-1-tap)). Its geometry, or None when that is not a plain convolution
+/// (a non-square kernel, padding >= its size).
+fn input_gradient_conv(g: &Geometry) -> Option<Geometry> {
     if g.stride != 1 || g.kh != g.kw || g.pad >= g.kh {
         return None;
     }
-    let gt = Geometry {
+    Some(Geometry {
         batch: g.batch,
         cin: g.cout,
         h: g.ho,
@@ -454,8 +460,48 @@ fn input_gradient_conv<T: Float>(g: &Geometry, w: &[T]) -> Option<(Geometry, Vec
         wo: g.w,
         stride: 1,
         pad: g.kh - 1 - g.pad,
+    })
+}
+
+/// Output planes from which a convolution takes the f32 direct path: below it, packing the
+/// weights costs too much next to the convolution (1280 channels at 16x16: 59 MB packed for 7.5
+/// GFLOP), and im2col's GEMM does as well.
+const DIRECT_PLANE: usize = 64 * 64;
+
+/// The f32 direct path (`conv_direct`) of convolution `g` where it applies (f32, a kernel of
+/// more than one tap, stride 1, an output plane of DIRECT_PLANE or more in rows of 16s, AVX2 +
+/// FMA): its sizes and its weights packed from `w` (`flipped`: the weights of the convolution
+/// `g` is the input gradient of; see [`DirectConv::pack`]).
+fn direct_conv<T: Float>(g: &Geometry, w: &[T], flipped: bool) -> Option<(DirectConv, Vec<f32>)> {
+    if T::DTYPE != DType::F32 || g.stride != 1 || g.kh * g.kw == 1 || g.ho * g.wo < DIRECT_PLANE {
+        return None;
+    }
+    let sh = Shifted::new(g);
+    let d = DirectConv {
+        cin: g.cin,
+        cout: g.cout,
+        kh: g.kh,
+        kw: g.kw,
+        hp: sh.hp,
+        wp: sh.wp,
+        ho: g.ho,
+        wo: g.wo,
     };
-    Some((gt, gather_taps(g, w, true)))
+    if !d.available() {
+        return None;
+    }
+    let packed = d.pack(bytemuck::cast_slice(w), flipped);
+    Some((d, packed))
+}
+
+/// y (Cout, Ho*Wo) += the convolution `g` of one image `x` on the direct path.
+fn run_direct<T: Float>(g: &Geometry, (d, packed): &(DirectConv, Vec<f32>), x: &[T], y: &mut [T]) {
+    let xp = Shifted::new(g).padded(g, x);
+    d.run(
+        bytemuck::cast_slice(&xp),
+        packed,
+        bytemuck::cast_slice_mut(y),
+    );
 }
 
 /// `x`: (B, Cin, H, W), `w`: (Cout, Cin, kh, kw), `b`: (Cout) -> (B, Cout, Ho, Wo), as
@@ -477,7 +523,9 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
         let (xv, wv) = (x.slice::<T>(OP)?, w.slice::<T>(OP)?);
         let plane = g.ho * g.wo;
         let mut out = super::zeros::<T>(g.batch * g.cout * plane);
-        let tiled = Shifted::takes(&g).then(|| (Shifted::new(&g), contiguous_taps(&g, wv)));
+        let direct = direct_conv(&g, wv, false);
+        let tiled = (direct.is_none() && Shifted::takes(&g))
+            .then(|| (Shifted::new(&g), contiguous_taps(&g, wv)));
         let groups = ChannelGroups::new(&g);
         for n in 0..g.batch {
             let xn = &xv[n * g.cin * g.h * g.w..(n + 1) * g.cin * g.h * g.w];
@@ -485,6 +533,10 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, p: Conv2dParams) -> Re
             if let Some(b) = b {
                 let bv = b.slice::<T>(OP)?;
                 yn.par_chunks_mut(plane).zip(bv).for_each(|(r, &bi)| r.fill(bi));
+            }
+            if let Some(direct) = &direct {
+                run_direct(&g, direct, xn, yn);
+                continue;
             }
             if let Some((sh, taps)) = &tiled {
                 sh.tiled(&g, xn, taps, yn);
@@ -536,18 +588,24 @@ pub fn conv2d_backward(
         let mut dw = super::zeros::<T>(if weight_grads { wv.len() } else { 0 });
         let mut db = super::zeros::<T>(if weight_grads { g.cout } else { 0 });
         // Training (weight gradients too) keeps the shifted whole-plane GEMMs for stride 1: no
-        // im2col buffer at any plane size. The input gradient alone: of a large plane, a tiled
-        // convolution of dy (`input_gradient_conv`); of a small plane or a strided convolution,
-        // one GEMM into im2col's layout, then its adjoint.
+        // im2col buffer at any plane size. The input gradient alone: a convolution of dy
+        // (`input_gradient_conv`), direct in f32 where `direct_conv` applies, else tiled for a
+        // large plane; of a small plane or a strided convolution, one GEMM into im2col's
+        // layout, then its adjoint.
         let shifted = (weight_grads && g.stride == 1).then(|| Shifted::new(&g));
-        let transposed = (!weight_grads && Shifted::takes(&g))
-            .then(|| input_gradient_conv(&g, wv))
-            .flatten()
-            .map(|(gt, taps)| (Shifted::new(&gt), gt, taps));
+        let gt = (!weight_grads).then(|| input_gradient_conv(&g)).flatten();
+        let direct = gt.and_then(|gt| direct_conv(&gt, wv, true).map(|d| (gt, d)));
+        let transposed = gt
+            .filter(|_| direct.is_none() && Shifted::takes(&g))
+            .map(|gt| (Shifted::new(&gt), gt, gather_taps(&g, wv, true)));
         let groups = ChannelGroups::new(&g);
         for n in 0..g.batch {
             let dyn_ = &dyv[n * g.cout * plane..(n + 1) * g.cout * plane];
             let dxn = &mut dx[n * img..(n + 1) * img];
+            if let Some((gt, direct)) = &direct {
+                run_direct(gt, direct, dyn_, dxn);
+                continue;
+            }
             if let Some((sh, gt, taps)) = &transposed {
                 sh.tiled(gt, dyn_, taps, dxn);
                 continue;
@@ -677,6 +735,65 @@ mod tests {
                     (got[at] - want).abs() <= 1e-12 * want.abs().max(1.0),
                     "k {k}: ({n}, {c}, {y}, {xx}): {} vs {want}",
                     got[at]
+                );
+            }
+        }
+    }
+
+    /// The f32 convolution and input gradient of a 64x64 plane (the direct path, where the CPU
+    /// has AVX2 and FMA) against the same values in f64 (the tiled path, checked against the
+    /// definition above): two images, a bias, channel counts that leave partial micro-tiles.
+    /// Tolerance: f32 summation of n terms errs by at most ~n * 2^-24 of the sum of the terms'
+    /// magnitudes (the same convolution of |x| and |w|, plus |b|); 2n * f32::EPSILON of it.
+    #[test]
+    fn f32_direct_path_matches_f64() {
+        let (batch, cin, cout, h, w) = (2, 5, 7, 64, 64);
+        let p = Conv2dParams {
+            stride: 1,
+            padding: 1,
+        };
+        let of = |t: &Tensor, dtype: DType| t.to_dtype(dtype).unwrap();
+        let abs64 = |t: &Tensor| {
+            let v = t.to_vec::<f64>().unwrap().iter().map(|v| v.abs()).collect();
+            Tensor::from_vec(v, t.shape()).unwrap()
+        };
+        let x = Tensor::randn(&[batch, cin, h, w], DType::F32, 1);
+        let k = Tensor::randn(&[cout, cin, 3, 3], DType::F32, 2);
+        let b = Tensor::randn(&[cout], DType::F32, 3);
+        let dy = Tensor::randn(&[batch, cout, h, w], DType::F32, 4);
+        let g = Geometry::new("test", &x, &k, p).unwrap();
+        let direct = direct_conv(&g, k.slice::<f32>("test").unwrap(), false).is_some();
+        assert_eq!(
+            direct,
+            crate::ops::simd::lanes_available(),
+            "takes the direct path"
+        );
+        let [x64, k64, b64, dy64] = [&x, &k, &b, &dy].map(|t| of(t, DType::F64));
+        let [xa, ka, ba, dya] = [&x64, &k64, &b64, &dy64].map(abs64);
+        let cases = [
+            (
+                "forward",
+                conv2d(&x, &k, Some(&b), p).unwrap(),
+                conv2d(&x64, &k64, Some(&b64), p).unwrap(),
+                conv2d(&xa, &ka, Some(&ba), p).unwrap(),
+                cin * 9 + 1,
+            ),
+            (
+                "input gradient",
+                conv2d_backward(&x, &k, &dy, p, false).unwrap().dx,
+                conv2d_backward(&x64, &k64, &dy64, p, false).unwrap().dx,
+                conv2d_backward(&xa, &ka, &dya, p, false).unwrap().dx,
+                cout * 9,
+            ),
+        ];
+        for (name, got, want, size, n) in cases {
+            let bound = 2.0 * n as f64 * f32::EPSILON as f64;
+            let got = of(&got, DType::F64).to_vec::<f64>().unwrap();
+            let (want, size) = (want.to_vec::<f64>().unwrap(), size.to_vec::<f64>().unwrap());
+            for (i, ((g, w), s)) in got.iter().zip(&want).zip(&size).enumerate() {
+                assert!(
+                    (g - w).abs() <= bound * s,
+                    "{name} [{i}]: {g} vs {w} (size {s})"
                 );
             }
         }

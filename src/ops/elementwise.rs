@@ -35,10 +35,10 @@ fn zip_map(op: &'static str, a: &Tensor, b: &Tensor, f: BinOp) -> Result<Tensor>
     crate::cuda::kernel_dispatch!([BF16, F32] a, m => crate::cuda::elementwise::binary(m, op, a, b, f));
     float_dispatch!(op, a.dtype(), T => {
         let (av, bv) = (a.slice::<T>(op)?, b.slice::<T>(op)?);
-        let mut out = super::zeros::<T>(av.len());
-        out.par_chunks_mut(CHUNK).zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK))).for_each(
-            |(o, (x, y))| o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f.apply(x, y)),
-        );
+        let out = super::made_in_chunks::<T>(av.len(), CHUNK, |i, o| {
+            let (x, y) = (&av[i * CHUNK..], &bv[i * CHUNK..]);
+            o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f.apply(x, y))
+        });
         Tensor::from_vec(out, a.shape())
     })
 }

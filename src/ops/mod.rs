@@ -10,6 +10,7 @@
 mod activation;
 pub(crate) mod attention;
 mod conv;
+mod conv_direct;
 pub(crate) mod elementwise;
 mod embedding;
 mod latent;
@@ -130,7 +131,55 @@ pub(crate) fn repeated<T: Copy + Send + Sync>(n: usize, pattern: &[T]) -> Vec<T>
     v
 }
 
+/// `n` elements made `chunk` at a time on the worker threads by `f(i, c)`, chunk `i` starting at
+/// element `i * chunk`, for ops that write every element of their result. Each chunk is zeroed
+/// just before `f` writes it, while it sits in cache, rather than in a pass of its own over the
+/// whole buffer first: that pass cost a UNet forward + backward 4 GB of extra memory traffic.
+pub(crate) fn made_in_chunks<T: crate::Float>(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [T]) + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, c): (usize, &mut [MaybeUninit<T>])| {
+            c.fill(MaybeUninit::new(T::ZERO));
+            // SAFETY: every element of `c` was just written.
+            f(i, unsafe { &mut *(c as *mut [MaybeUninit<T>] as *mut [T]) });
+        });
+    // SAFETY: the chunks cover all `n` elements, each written above.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// `n` zeros, as [`repeated`].
 pub(crate) fn zeros<T: crate::Float>(n: usize) -> Vec<T> {
     repeated(n, &[T::ZERO])
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every element comes from the call for its chunk: index and length right at a partial
+    /// last chunk, on one chunk, and on none.
+    #[test]
+    fn made_in_chunks_covers_every_element_once() {
+        for (n, chunk) in [(10_007, 1000), (999, 1000), (0, 7), (5, 0)] {
+            let v = super::made_in_chunks::<f64>(n, chunk, |i, c| {
+                assert_eq!(c.len(), chunk.max(1).min(n - i * chunk.max(1)), "chunk {i}");
+                for (j, x) in c.iter_mut().enumerate() {
+                    assert_eq!(*x, 0.0, "chunk {i} arrives zeroed");
+                    *x = (i * chunk.max(1) + j) as f64;
+                }
+            });
+            assert_eq!(
+                v,
+                (0..n).map(|k| k as f64).collect::<Vec<_>>(),
+                "n {n} chunk {chunk}"
+            );
+        }
+    }
 }

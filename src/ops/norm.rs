@@ -84,41 +84,37 @@ impl Rows {
     }
 
     fn forward<T: Float>(&self, x: &[T], gamma: Option<&[T]>, beta: Option<&[T]>) -> Vec<T> {
-        let mut y = super::zeros::<T>(x.len());
         let (no_gamma, no_beta) = (
             vec![T::ONE; self.n / self.per],
             vec![T::ZERO; self.n / self.per],
         );
-        y.par_chunks_mut(self.n)
-            .zip(x.par_chunks(self.n))
-            .enumerate()
-            .for_each(|(r, (yr, xr))| {
-                let (mean, rstd) = self.stats(xr);
-                let (g, b) = (
-                    self.row_params(r, gamma, &no_gamma),
-                    self.row_params(r, beta, &no_beta),
-                );
-                // y = (x - mean) * rstd * gamma + beta: an element at a time where each has its
-                // own parameters (layer and RMS norm), else a run of `per` at a time.
-                if self.per == 1 {
-                    for (((o, &v), &gi), &bi) in yr.iter_mut().zip(xr).zip(g).zip(b) {
-                        *o = (v - mean) * rstd * gi + bi;
-                    }
-                    return;
+        super::made_in_chunks(x.len(), self.n, |r, yr: &mut [T]| {
+            let xr = &x[r * self.n..(r + 1) * self.n];
+            let (mean, rstd) = self.stats(xr);
+            let (g, b) = (
+                self.row_params(r, gamma, &no_gamma),
+                self.row_params(r, beta, &no_beta),
+            );
+            // y = (x - mean) * rstd * gamma + beta: an element at a time where each has its
+            // own parameters (layer and RMS norm), else a run of `per` at a time.
+            if self.per == 1 {
+                for (((o, &v), &gi), &bi) in yr.iter_mut().zip(xr).zip(g).zip(b) {
+                    *o = (v - mean) * rstd * gi + bi;
                 }
-                for (((yc, xc), &gi), &bi) in yr
-                    .chunks_mut(self.per)
-                    .zip(xr.chunks(self.per))
-                    .zip(g)
-                    .zip(b)
-                {
-                    let a = rstd * gi;
-                    yc.iter_mut()
-                        .zip(xc)
-                        .for_each(|(o, &v)| *o = (v - mean) * a + bi);
-                }
-            });
-        y
+                return;
+            }
+            for (((yc, xc), &gi), &bi) in yr
+                .chunks_mut(self.per)
+                .zip(xr.chunks(self.per))
+                .zip(g)
+                .zip(b)
+            {
+                let a = rstd * gi;
+                yc.iter_mut()
+                    .zip(xc)
+                    .for_each(|(o, &v)| *o = (v - mean) * a + bi);
+            }
+        })
     }
 
     /// dx, and the per-parameter sums (sum dy * xhat, sum dy) for the affine gradients.

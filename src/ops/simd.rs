@@ -57,6 +57,14 @@ pub(crate) fn softmax_f32(row: &mut [f32], scale: f32) {
     super::activation::softmax_row_generic(row, scale);
 }
 
+/// Whether this CPU runs the 8-lane kernels (AVX2 and FMA).
+pub(crate) fn lanes_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return avx2::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// exp of each element in place: the activations' exponentials (SiLU, GELU) for f32.
 pub(crate) fn exp_f32(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
