@@ -1,9 +1,11 @@
 //! 2-D convolution (NCHW, square stride and symmetric zero padding, any kernel size) and its
 //! gradients. Covers every convolution in SD2.1's UNet and VAE: 3x3 pad 1, 1x1, and 3x3 stride 2
-//! (downsampling; diffusers pads 1 on every side there). Three routes, by size:
-//! - f32 on planes of 64x64 and more, stride 1 (the forward and the input gradient): the
-//!   direct AVX2 kernel of `conv_direct`;
-//! - other large planes: shifted GEMMs in column tiles ([`Shifted`]);
+//! (downsampling; diffusers pads 1 on every side there). The routes:
+//! - f32, stride 1, a kernel of more than one tap, an output of 64x64 or more in rows of 16s,
+//!   on a CPU with AVX2 + FMA: the direct kernel of `conv_direct`, for the forward and for the
+//!   input gradient alone (as the convolution of dy with the kernel turned);
+//! - other large planes, stride 1: shifted GEMMs in column tiles ([`Shifted`]); with weight
+//!   gradients (training), the shifted GEMMs over the whole plane at every size;
 //! - small planes and strided convolutions: im2col and one GEMM, a channel group at a time.
 
 use rayon::prelude::*;
@@ -762,12 +764,16 @@ mod tests {
         let b = Tensor::randn(&[cout], DType::F32, 3);
         let dy = Tensor::randn(&[batch, cout, h, w], DType::F32, 4);
         let g = Geometry::new("test", &x, &k, p).unwrap();
-        let direct = direct_conv(&g, k.slice::<f32>("test").unwrap(), false).is_some();
-        assert_eq!(
-            direct,
-            crate::ops::simd::lanes_available(),
-            "takes the direct path"
-        );
+        let kv = k.slice::<f32>("test").unwrap();
+        let gt = input_gradient_conv(&g).unwrap();
+        for (g, flipped) in [(g, false), (gt, true)] {
+            let direct = direct_conv(&g, kv, flipped).is_some();
+            assert_eq!(
+                direct,
+                crate::ops::simd::lanes_available(),
+                "direct ({flipped})"
+            );
+        }
         let [x64, k64, b64, dy64] = [&x, &k, &b, &dy].map(|t| of(t, DType::F64));
         let [xa, ka, ba, dya] = [&x64, &k64, &b64, &dy64].map(abs64);
         let cases = [

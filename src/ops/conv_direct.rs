@@ -14,8 +14,8 @@
 //! serves 2.7 steps) and twelve FMAs: BLIS's 6x16 shape, FMA-bound from L1. The accumulators
 //! start at zero and the output is added at the end, so its loads wait on nothing.
 //!
-//! Launch shape: bands of output rows in parallel (a few a thread, each at least 32 strips of 16
-//! columns). In a band, the reduction goes REDUCTION steps (input channels x taps) at a time;
+//! Launch shape: bands of whole output rows in parallel (up to 4 a thread, of at least 32 strips
+//! of 16 columns each where the plane has that many). In a band, the reduction goes REDUCTION steps (input channels x taps) at a time;
 //! for each such block the output channels go in chunks whose packed weights for the block
 //! (~256 KB) stay in L2, and every strip of the band takes the chunk's tiles in turn, so the
 //! strip's input (32 channels x 3 rows x 18 floats at 3x3, ~15 KB) stays in L1.
@@ -55,7 +55,12 @@ pub(super) struct DirectConv {
 impl DirectConv {
     /// Whether this CPU and these sizes take the direct path.
     pub fn available(&self) -> bool {
-        self.wo % COLS == 0 && self.wo > 0 && self.cout > 0 && super::simd::lanes_available()
+        self.wo % COLS == 0
+            && self.wo > 0
+            && self.cout > 0
+            && self.cin > 0
+            && self.kh * self.kw > 0
+            && super::simd::lanes_available()
     }
 
     /// The weights as the micro-kernel reads them, [o / 6][c][tap][o % 6] (zero past Cout),
@@ -123,6 +128,7 @@ impl DirectConv {
                 out_bands[b].push(rows);
             }
         }
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
         out_bands.par_iter_mut().enumerate().for_each(|(b, out)| {
             let oy0 = b * band;
             for c0 in (0..self.cin).step_by(block) {
@@ -223,6 +229,8 @@ mod tests {
             (37, 13, 3, 3, 5, 32, 0),
             (5, 7, 1, 1, 3, 16, 1),
             (3, 8, 5, 3, 4, 48, 3),
+            // More channel tiles (38) than a chunk holds at 3x3 (37): two chunks.
+            (32, 228, 3, 3, 1, 16, 0),
         ] {
             for flipped in [false, true] {
                 let (hp, wp) = (ho + kh - 1, wo + kw - 1 + extra);
