@@ -122,8 +122,9 @@ impl Attention {
             _ => None,
         };
         let self_attn = s.context.is_none();
-        let g = match (&s.out_lse, cap) {
-            (Some((out, lse)), None) => ops::attention_backward_saved(
+        // The forward saved out and lse only without a capture.
+        let g = match &s.out_lse {
+            Some((out, lse)) => ops::attention_backward_saved(
                 &s.q,
                 &s.k,
                 &s.v,
@@ -133,7 +134,7 @@ impl Attention {
                 &dout,
                 self_attn,
             )?,
-            _ => ops::attention_backward(&s.q, &s.k, &s.v, self.scale(), &dout, cap, self_attn)?,
+            None => ops::attention_backward(&s.q, &s.k, &s.v, self.scale(), &dout, cap, self_attn)?,
         };
         let mut dx = self.to_q.backward(&s.x, &merge_heads(&g.dq)?)?;
         if let (Some(dk), Some(dv)) = (g.dk, g.dv) {

@@ -682,6 +682,17 @@ struct BackwardPart<T> {
     dv: Vec<T>,
 }
 
+impl<T: Float> BackwardPart<T> {
+    /// Zeros for `rows` query rows.
+    fn zeros(rows: usize, dm: &Dims, kv_grads: bool) -> Self {
+        BackwardPart {
+            dq: vec![T::ZERO; rows * dm.d],
+            dk: vec![T::ZERO; if kv_grads { dm.lk * dm.d } else { 0 }],
+            dv: vec![T::ZERO; if kv_grads { dm.lk * dm.dv } else { 0 }],
+        }
+    }
+}
+
 /// The backward over query rows `rr` of one head, a block of ROWS at a time. `maps`: the capture
 /// and the maps' gradient (B, words, H, Lq).
 fn backward_rows<T: Float>(
@@ -693,11 +704,7 @@ fn backward_rows<T: Float>(
     kv_grads: bool,
     causal: bool,
 ) -> BackwardPart<T> {
-    let mut part = BackwardPart {
-        dq: vec![T::ZERO; rr.len() * dm.d],
-        dk: vec![T::ZERO; if kv_grads { dm.lk * dm.d } else { 0 }],
-        dv: vec![T::ZERO; if kv_grads { dm.lk * dm.dv } else { 0 }],
-    };
+    let mut part = BackwardPart::zeros(rr.len(), dm, kv_grads);
     let block = ROWS.min(rr.len());
     let (mut s, mut dp) = (vec![T::ZERO; block * dm.lk], vec![T::ZERO; block * dm.lk]);
     let cols = maps.and_then(|(c, _)| c.softmax_cols.as_ref());
@@ -774,11 +781,7 @@ fn backward_rows_saved<T: Float>(
     scale: T,
     kv_grads: bool,
 ) -> BackwardPart<T> {
-    let mut part = BackwardPart {
-        dq: vec![T::ZERO; rr.len() * dm.d],
-        dk: vec![T::ZERO; if kv_grads { dm.lk * dm.d } else { 0 }],
-        dv: vec![T::ZERO; if kv_grads { dm.lk * dm.dv } else { 0 }],
-    };
+    let mut part = BackwardPart::zeros(rr.len(), dm, kv_grads);
     let (block, chunk) = (ROWS.min(rr.len()), KEY_CHUNK.min(dm.lk));
     let (mut p, mut dp) = (vec![T::ZERO; block * chunk], vec![T::ZERO; block * chunk]);
     let mut dq = vec![T::ZERO; block * dm.d];
