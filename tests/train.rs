@@ -70,7 +70,11 @@ fn synth(n: usize, first_line: usize, images: usize, seed: u64) -> Shard {
         let b = a + 4.0 + 6.0 * rng.uniform();
         let o1 = 2.0 + 11.0 * rng.uniform();
         let o2 = (o1 + 4.0 * rng.uniform() - 2.0).clamp(0.0, 15.0);
-        let (s_on, o_on) = if label % 2 == 0 { (a, b) } else { (b, a) };
+        let (s_on, o_on) = if label.is_multiple_of(2) {
+            (a, b)
+        } else {
+            (b, a)
+        };
         let ((sr, sc), (or, oc)) = if label < 2 {
             ((s_on, o1), (o_on, o2))
         } else {

@@ -68,7 +68,7 @@ impl CLIPTextConfig {
         }
         self.activation()?;
         let heads = self.num_attention_heads;
-        if heads == 0 || self.hidden_size % heads != 0 {
+        if heads == 0 || !self.hidden_size.is_multiple_of(heads) {
             return Err(Error::Invalid(format!(
                 "text encoder config: hidden_size {} is not divisible by num_attention_heads {heads}",
                 self.hidden_size
@@ -231,7 +231,7 @@ impl CLIPTextModel {
     pub fn forward_batch(&self, ids: &[u32], batch: usize) -> Result<CLIPTextOutput> {
         const OP: &str = "CLIPTextModel";
         let c = &self.config;
-        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(Error::shape(
                 OP,
                 format!("{} ids do not split into {batch} sequences", ids.len()),

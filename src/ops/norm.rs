@@ -268,7 +268,7 @@ fn run_backward(
 }
 
 fn group_rows(op: &'static str, x: &Tensor, groups: usize, eps: f64) -> Result<Rows> {
-    if x.rank() < 2 || groups == 0 || x.shape()[1] % groups != 0 {
+    if x.rank() < 2 || groups == 0 || !x.shape()[1].is_multiple_of(groups) {
         return Err(Error::shape(
             op,
             format!(

@@ -65,6 +65,14 @@ pub(crate) fn lanes_available() -> bool {
     false
 }
 
+/// Whether this CPU runs 16-lane f32 kernels (AVX-512F): the direct convolution's wide tiles.
+pub(crate) fn wide_lanes_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::is_x86_feature_detected!("avx512f");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// exp of each element in place: the activations' exponentials (SiLU, GELU) for f32.
 pub(crate) fn exp_f32(xs: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]

@@ -296,7 +296,7 @@ impl ClassifierConfig {
                 self.maps_per_word, self.map_size, self.num_timesteps
             ));
         }
-        if d % 2 != 0 {
+        if !d.is_multiple_of(2) {
             return bad(format!(
                 "d_model = {d} must be even (sinusoidal positional encoding)"
             ));
@@ -306,7 +306,7 @@ impl ClassifierConfig {
             ("extractor.layer_attn_nheads", self.extractor.pool_heads),
             ("classifier.nhead", self.head.heads),
         ] {
-            if h == 0 || d % h != 0 {
+            if h == 0 || !d.is_multiple_of(h) {
                 return bad(format!("{what} = {h} does not divide d_model = {d}"));
             }
         }

@@ -115,7 +115,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             let f = pipe.vae_scale_factor();
             // The UNet halves the latent once per down block but the last.
             let multiple = f << (pipe.unet.config.block_out_channels.len().max(1) - 1);
-            if size % multiple != 0 {
+            if !size.is_multiple_of(multiple) {
                 return Err(Error::Invalid(format!(
                     "--size {size} must be a multiple of {multiple}"
                 )));

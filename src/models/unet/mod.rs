@@ -372,7 +372,7 @@ impl UNet2DConditionModel {
             ));
         }
         let factor = 1 << (self.down_blocks.len() - 1);
-        if s[2] % factor != 0 || s[3] % factor != 0 {
+        if !s[2].is_multiple_of(factor) || !s[3].is_multiple_of(factor) {
             return Err(Error::shape(
                 "unet",
                 format!("sample {s:?}: H and W must be multiples of {factor}"),
