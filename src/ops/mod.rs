@@ -132,9 +132,10 @@ pub(crate) fn repeated<T: Copy + Send + Sync>(n: usize, pattern: &[T]) -> Vec<T>
 }
 
 /// `n` elements made `chunk` at a time on the worker threads by `f(i, c)`, chunk `i` starting at
-/// element `i * chunk` (a chunk of 0 taken as 1), for ops that write every element of their result. Each chunk is zeroed
-/// just before `f` writes it, while it sits in cache, rather than in a pass of its own over the
-/// whole buffer first: that pass cost a UNet forward + backward 4 GB of extra memory traffic.
+/// element `i * chunk` (a chunk of 0 taken as 1), for ops that write every element of their
+/// result. Each chunk is zeroed just before `f` writes it, while it sits in cache, rather than in
+/// a pass of its own over the whole buffer first: that pass cost a UNet forward + backward 4 GB
+/// of extra memory traffic.
 pub(crate) fn made_in_chunks<T: crate::Float>(
     n: usize,
     chunk: usize,
